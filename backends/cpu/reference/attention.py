@@ -1,0 +1,132 @@
+"""Reference attention: absorbed MLA decode over the paged latent cache, and varlen prefill.
+
+Both ops loop over sequences in Python, compute scores and softmax in fp32, and return q's dtype.
+They read ``block_table``, ``cache_seqlens`` and ``cu_seqlens_*`` on the host: a reference may
+synchronize, and a per-sequence loop is the plainest statement of the variable-length contract.
+Contracts: :func:`hal.ops.catalogue.mla_decode`, :func:`hal.ops.catalogue.attention_prefill`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["attention_prefill", "mla_decode"]
+
+
+def _masked_softmax_attend(
+    scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the visible keys, then the weighted sum of values.
+
+    :param scores: float32 [h, Lq, Lk], already scaled.
+    :param visible: bool [Lq, Lk] (broadcast over heads), True where a query may see a key.
+    :param v: float32 [h or 1, Lk, d_v].
+    :returns: ``(out float32 [h, Lq, d_v], lse float32 [h, Lq])``; a query that sees no key gets a zero
+        output and ``lse = -inf`` (a plain softmax would give NaN there).
+    """
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with no visible key
+    seen = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(seen, lse, 0.0).unsqueeze(-1))  # exp(-inf) = 0 on masked keys
+    probs = torch.where(seen.unsqueeze(-1), probs, 0.0)
+    return probs @ v, lse
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    head_dim_v: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA decode over the paged latent KV cache (FlashMLA semantics).
+
+    :param q: [b, s_q, h, d].
+    :param kv_cache: q's dtype, [num_blocks, block_size, 1, d]; keys are whole entries, values their
+        first ``head_dim_v`` values.
+    :param block_table: int32 [b, max_blocks_per_seq].
+    :param cache_seqlens: int32 [b], tokens per sequence including the s_q new ones.
+    :param head_dim_v: value dims, ``<= d``.
+    :param softmax_scale: ``None`` means ``d ** -0.5``.
+    :param causal: query ``i`` sees keys ``< cache_seqlens - s_q + i + 1``; else all keys.
+    :returns: ``(out q's dtype [b, s_q, h, head_dim_v], lse float32 [b, h, s_q])``; zero output and
+        ``lse = -inf`` for a query that sees no key.
+    """
+    b, s_q, h, d = q.shape
+    block_size = kv_cache.shape[1]
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(b, s_q, h, head_dim_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device)
+    seqlens = cache_seqlens.tolist()
+    tables = block_table.tolist()
+    rows = torch.arange(s_q, device=q.device).unsqueeze(1)  # [s_q, 1]
+    for s, seqlen in enumerate(seqlens):
+        if seqlen <= 0:
+            continue  # no key at all: zeros and -inf, as initialized
+        n_blocks = -(-seqlen // block_size)
+        blocks = torch.tensor(tables[s][:n_blocks], dtype=torch.long, device=q.device)
+        # Gather this sequence's pages in table order, then drop the tail of the last page.
+        keys = kv_cache.index_select(0, blocks).reshape(n_blocks * block_size, d)[:seqlen].float()  # [L, d]
+        qs = q[s].float().transpose(0, 1)  # [h, s_q, d]
+        scores = (qs @ keys.T) * scale  # [h, s_q, L]
+        cols = torch.arange(seqlen, device=q.device).unsqueeze(0)  # [1, L]
+        if causal:
+            visible = cols < seqlen - s_q + rows + 1
+        else:
+            visible = torch.ones(s_q, seqlen, dtype=torch.bool, device=q.device)
+        o, o_lse = _masked_softmax_attend(scores, visible, keys[:, :head_dim_v].unsqueeze(0))
+        out[s] = o.transpose(0, 1)
+        lse[s] = o_lse
+    return out.to(q.dtype), lse
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Variable-length attention over packed sequences (FlashAttention's varlen layout).
+
+    :param q: [total_q, h, d_qk].
+    :param k: q's dtype, [total_k, h_kv, d_qk]; query head ``i`` uses kv head ``i // (h / h_kv)``.
+    :param v: q's dtype, [total_k, h_kv, d_v].
+    :param cu_seqlens_q: int32 [b + 1], cumulative query lengths.
+    :param cu_seqlens_k: int32 [b + 1], cumulative key lengths.
+    :param softmax_scale: ``None`` means ``d_qk ** -0.5``.
+    :param causal: bottom-right aligned: query ``i`` of ``Lq`` sees keys ``j <= i + Lk - Lq``.
+    :returns: q's dtype [total_q, h, d_v]; zeros for a query that sees no key.
+    """
+    total_q, h, d_qk = q.shape
+    h_kv, d_v = v.shape[1], v.shape[2]
+    group = h // h_kv
+    scale = d_qk**-0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(total_q, h, d_v, dtype=torch.float32, device=q.device)
+    starts_q = cu_seqlens_q.tolist()
+    starts_k = cu_seqlens_k.tolist()
+    for s in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[s], starts_q[s + 1], starts_k[s], starts_k[s + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq <= 0:
+            continue
+        qs = q[q0:q1].float().transpose(0, 1)  # [h, Lq, d_qk]
+        # GQA: kv head g serves query heads g * group .. (g + 1) * group - 1.
+        ks = k[k0:k1].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [h, Lk, d_qk]
+        vs = v[k0:k1].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [h, Lk, d_v]
+        scores = (qs @ ks.transpose(1, 2)) * scale  # [h, Lq, Lk]
+        if causal:
+            rows = torch.arange(lq, device=q.device).unsqueeze(1)
+            cols = torch.arange(lk, device=q.device).unsqueeze(0)
+            visible = cols <= rows + (lk - lq)
+        else:
+            visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        o, _ = _masked_softmax_attend(scores, visible, vs)
+        out[q0:q1] = o.transpose(0, 1)
+    return out.to(q.dtype)

@@ -1,0 +1,138 @@
+"""Reference GEMMs: dense, FP8 block-scaled, and the MoE grouped GEMMs (contiguous and masked layouts).
+
+Plain torch with fp32 accumulation: half-precision inputs are upcast to fp32, FP8 inputs are
+dequantized to fp32 with their scales (:mod:`hal.quant`), the matmul runs in fp32 and the result is
+cast to the output dtype. Inputs have been validated by the catalogue (:mod:`hal.ops.catalogue`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hal.ops.catalogue import BLOCK
+from hal.quant import AMAX_FLOOR, dequantize_fp8_blocks, dequantize_fp8_groups, fp8_max
+
+# Catalogue order, not alphabetical, so this list reads like the catalogue's GEMM section.
+__all__ = [  # noqa: RUF022
+    "gemm",
+    "quantize_fp8",
+    "gemm_fp8",
+    "grouped_gemm",
+    "grouped_gemm_masked",
+    "grouped_gemm_fp8",
+    "grouped_gemm_fp8_masked",
+]
+
+
+_F32 = torch.float32
+_linear = F.linear
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x [M, K] @ w [N, K].T`` → ``[M, N]`` of ``out_dtype`` (``None``: x's dtype), fp32 accumulation."""
+    # fp32 in, fp32 out is exactly F.linear: no upcast, no cast, nothing between the caller and it.
+    if x.dtype is _F32 and (out_dtype is None or out_dtype is _F32):
+        return _linear(x, w)
+    return F.linear(x.float(), w.float()).to(out_dtype or x.dtype)
+
+
+def quantize_fp8(
+    x: torch.Tensor, *, group_size: int = BLOCK, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token-group FP8 quantization (DeepGEMM's ``per_token_cast_to_fp8``).
+
+    ``x [M, K]`` → ``(xq fp8_dtype [M, K], scales float32 [M, ceil(K / group_size)])`` with
+    ``scale = max(amax, 1e-4) / fp8_max`` per group and ``xq = x / scale`` rounded to fp8.
+    """
+    m, k = x.shape
+    groups = -(-k // group_size)
+    qmax = fp8_max(fp8_dtype)
+    # Zero-pad the ragged last group to a whole one: zeros never raise a group's amax.
+    padded = F.pad(x.float(), (0, groups * group_size - k)).view(m, groups, group_size)
+    scales = padded.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / qmax
+    # Clamp before the cast: x / scale may round just past fp8_max, and casts past the top of the
+    # range give NaN for e4m3fnuz (and differ between devices); saturate explicitly instead.
+    xq = (padded / scales).clamp(-qmax, qmax).to(fp8_dtype)
+    return xq.view(m, groups * group_size)[:, :k].contiguous(), scales.view(m, groups)
+
+
+def gemm_fp8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``(xq·xs) [M, K] @ (wq·ws) [N, K].T`` → ``[M, N]`` of ``out_dtype``, dequantized to fp32 first."""
+    x = dequantize_fp8_groups(xq, xs, BLOCK)
+    w = dequantize_fp8_blocks(wq, ws, BLOCK)
+    return F.linear(x, w).to(out_dtype)
+
+
+def _contiguous(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Grouped matmul of fp32 ``x [M, K]`` by fp32 ``w [E, N, K]`` over expert row ranges."""
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    # The reference may read the offsets on the host; kernels must not.
+    bounds = offsets.tolist()
+    for e in range(w.shape[0]):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            out[start:end] = F.linear(x[start:end], w[e])
+    return out.to(out_dtype)
+
+
+def _masked(x: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Batched matmul of fp32 ``x [E, max_m, K]`` by fp32 ``w [E, N, K]``, valid rows only."""
+    out = x.new_zeros(x.shape[0], x.shape[1], w.shape[1])
+    # Rows past masked_m[e] are never read: they may hold garbage (even NaN) from the dispatch.
+    for e, rows in enumerate(masked_m.tolist()):
+        if rows > 0:
+            out[e, :rows] = F.linear(x[e, :rows], w[e])
+    return out.to(out_dtype)
+
+
+def grouped_gemm(
+    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Contiguous layout: rows ``offsets[e]:offsets[e + 1]`` of ``x [M, K]`` times ``w[e].T`` → ``[M, N]``;
+    rows at and past ``offsets[E]`` are zero."""
+    return _contiguous(x.float(), w.float(), offsets, out_dtype or x.dtype)
+
+
+def grouped_gemm_masked(
+    x: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor, *, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Masked layout: ``x[e, :masked_m[e]] @ w[e].T`` → ``[E, max_m, N]``; the other rows are zero."""
+    return _masked(x.float(), w.float(), masked_m, out_dtype or x.dtype)
+
+
+def grouped_gemm_fp8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """FP8 contiguous layout: ``grouped_gemm`` on the fp32 dequantizations of ``(xq, xs)`` and ``(wq, ws)``."""
+    x = dequantize_fp8_groups(xq, xs, BLOCK)
+    w = dequantize_fp8_blocks(wq, ws, BLOCK)
+    return _contiguous(x, w, offsets, out_dtype)
+
+
+def grouped_gemm_fp8_masked(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    masked_m: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """FP8 masked layout: ``grouped_gemm_masked`` on the fp32 dequantizations of ``(xq, xs)`` and ``(wq, ws)``."""
+    x = dequantize_fp8_groups(xq, xs, BLOCK)
+    w = dequantize_fp8_blocks(wq, ws, BLOCK)
+    return _masked(x, w, masked_m, out_dtype)

@@ -1,0 +1,93 @@
+"""HAL: one DeepSeek-style MoE+MLA model on any accelerator, through pluggable vendor backends.
+
+Typical use::
+
+    import hal
+    be = hal.get_backend()            # HAL_BACKEND, else the highest-priority available backend
+    y = be.gemm(x, w)                 # x @ w.T, validated, served by the backend's best implementation
+    hal.backends()                    # every discovered backend, available or not, with its reason
+
+Plugins are found through the ``hal`` entry-point group when first needed, never at import.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib.metadata import PackageNotFoundError, version
+
+from hal import errors, quant
+from hal.backend import Backend, OpEntry
+from hal.hookspecs import hookimpl
+from hal.kvcache import PagedKVCache
+from hal.ops.catalogue import CATALOGUE, OPS
+from hal.registry import BackendInfo, PluginInfo, Registry
+from hal.types import (
+    Availability,
+    BackendImpl,
+    BackendSpec,
+    Capabilities,
+    MemoryStats,
+    Permutation,
+    RouteResult,
+)
+
+__all__ = [
+    "CATALOGUE",
+    "OPS",
+    "Availability",
+    "Backend",
+    "BackendImpl",
+    "BackendInfo",
+    "BackendSpec",
+    "Capabilities",
+    "MemoryStats",
+    "OpEntry",
+    "PagedKVCache",
+    "Permutation",
+    "PluginInfo",
+    "Registry",
+    "RouteResult",
+    "__version__",
+    "backends",
+    "default_registry",
+    "errors",
+    "quant",
+    "get_backend",
+    "hookimpl",
+]
+
+try:
+    __version__ = version("hal-accel")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+_lock = threading.Lock()
+_default: Registry | None = None
+
+
+def default_registry(*, refresh: bool = False) -> Registry:
+    """The process-wide registry, created (plugins discovered) on first use.
+
+    :param refresh: discard the current one and discover plugins again (after installing a plugin or
+        changing ``HAL_DISABLE_PLUGINS``).
+    """
+    global _default
+    with _lock:
+        if _default is None or refresh:
+            _default = Registry()
+        return _default
+
+
+def backends() -> list[BackendInfo]:
+    """Every discovered backend, available or not, with its probe's reason; highest priority first."""
+    return default_registry().backends()
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend ``name``, else ``HAL_BACKEND``, else the highest-priority available one (built once).
+
+    :raises hal.errors.BackendNotFoundError: no backend of that name (the message lists them all).
+    :raises hal.errors.BackendUnavailableError: it cannot run here (the message gives every reason).
+    :raises hal.errors.BackendLoadError: it probed available but failed to load.
+    """
+    return default_registry().get_backend(name)

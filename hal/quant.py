@@ -1,0 +1,138 @@
+"""FP8 block quantization helpers (DeepSeek-V3 scaling), in plain device-agnostic torch.
+
+Two scale layouts, both fp32, both with the "multiply to dequantize" convention of DeepSeek's
+checkpoints (``weight_scale_inv``): ``value ≈ fp8.float() * scale``.
+
+- Activation groups: one scale per ``1 × group_size`` run of the last dim, ``x [..., K]`` with
+  scales ``[..., ceil(K / group_size)]`` (what ``quantize_fp8`` produces).
+- Weight blocks: one scale per ``block × block`` tile of the last two dims, ``w [..., N, K]`` with
+  scales ``[..., ceil(N / block), ceil(K / block)]``.
+
+Ragged edges (a last group or block shorter than the others) are allowed everywhere: the edge tile
+has its own scale, computed from the values it holds. These helpers are used by the reference ops,
+the checkpoint loader and the tests; they run on whatever device their inputs live on and read no
+tensor data on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hal.errors import DTypeError, OpInputError, ShapeError
+from hal.ops import _validate as _v
+
+__all__ = ["AMAX_FLOOR", "dequantize_fp8_blocks", "dequantize_fp8_groups", "fp8_max", "quantize_fp8_blocks"]
+
+#: Lower bound on a group's or block's amax before it becomes a scale: an all-zero tile gets the
+#: scale ``AMAX_FLOOR / fp8_max`` instead of 0, so dequantization never divides by zero (DeepGEMM's
+#: ``clamp(1e-4)``).
+AMAX_FLOOR = 1e-4
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 format.
+
+    :param dtype: float8_e4m3fn (448.0) or float8_e4m3fnuz (240.0).
+    :returns: ``torch.finfo(dtype).max`` as a Python float.
+    """
+    if dtype not in _v.FP8S:
+        raise DTypeError("fp8_max", "dtype", f"expected float8_e4m3fn | float8_e4m3fnuz, got {dtype}")
+    return float(torch.finfo(dtype).max)
+
+
+def _check_fp8(op: str, name: str, t: object, min_rank: int, layout: str) -> torch.Tensor:
+    t = _v.tensor(op, name, t)
+    if t.dim() < min_rank:
+        raise ShapeError(op, name, f"expected {layout} (rank >= {min_rank}), got shape {list(t.shape)}")
+    _v.dtype(op, name, t, _v.FP8S)
+    return t
+
+
+def _check_scales(op: str, name: str, t: object, expected: list[int], layout: str) -> torch.Tensor:
+    t = _v.tensor(op, name, t)
+    _v.dtype(op, name, t, (torch.float32,))
+    _v.shape(op, name, t, expected, layout)
+    return t
+
+
+def dequantize_fp8_groups(xq: torch.Tensor, scales: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """Dequantize per-group scaled fp8 activations: ``xq.float() * scale`` of each value's group.
+
+    :param xq: float8_e4m3fn | float8_e4m3fnuz [..., K].
+    :param scales: float32 [..., ceil(K / group_size)]; ``scales[..., g]`` scales values
+        ``g * group_size : (g + 1) * group_size`` of the last dim (the last group may be shorter).
+    :param group_size: values per group (128 for DeepSeek-V3).
+    :returns: float32 [..., K], on xq's device.
+    """
+    op = "dequantize_fp8_groups"
+    _check_fp8(op, "xq", xq, 1, "[..., K]")
+    _v.positive_int(op, "group_size", group_size)
+    k = xq.shape[-1]
+    _check_scales(op, "scales", scales, [*xq.shape[:-1], _v.cdiv(k, group_size)], "[..., ceil(K / group_size)]")
+    _v.same_device(op, (("xq", xq), ("scales", scales)))
+    # One scale per value, then drop the ragged tail of the last group.
+    per_value = scales.repeat_interleave(group_size, dim=-1)[..., :k]
+    return xq.float() * per_value
+
+
+def quantize_fp8_blocks(
+    w: torch.Tensor, block: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize weights to fp8 with one fp32 scale per ``block × block`` tile of the last two dims.
+
+    A tile's scale is ``max(amax, 1e-4) / fp8_max`` and its values ``w / scale`` (clamped to
+    ``±fp8_max``) rounded to ``fp8_dtype``, so ``w ≈ wq.float() * ws`` (DeepSeek's
+    ``weight_scale_inv`` convention). Edge tiles of a ragged N or K are scaled by their own values.
+
+    :param w: a floating dtype (float32 | bfloat16 | float16 | float64) [..., N, K].
+    :param block: tile edge (128 for DeepSeek-V3).
+    :param fp8_dtype: float8_e4m3fn (max 448) or float8_e4m3fnuz (max 240).
+    :returns: ``(wq, ws)``: wq ``fp8_dtype [..., N, K]``, ws ``float32 [..., ceil(N / block),
+        ceil(K / block)]``, both on w's device.
+    """
+    op = "quantize_fp8_blocks"
+    w = _v.tensor(op, "w", w)
+    if w.dim() < 2:
+        raise ShapeError(op, "w", f"expected [..., N, K] (rank >= 2), got shape {list(w.shape)}")
+    if not w.is_floating_point() or w.dtype in _v.FP8S:
+        raise DTypeError(op, "w", f"expected a float dtype (float32 | bfloat16 | float16 | float64), got {w.dtype}")
+    _v.positive_int(op, "block", block)
+    if fp8_dtype not in _v.FP8S:
+        raise OpInputError(op, "fp8_dtype", f"expected float8_e4m3fn | float8_e4m3fnuz, got {fp8_dtype}")
+    qmax = fp8_max(fp8_dtype)
+    *batch, n, k = w.shape
+    nb, kb = _v.cdiv(n, block), _v.cdiv(k, block)
+    # Zero padding to whole tiles leaves every tile's amax unchanged (|0| never exceeds it).
+    padded = torch.nn.functional.pad(w.float(), (0, kb * block - k, 0, nb * block - n))
+    tiles = padded.reshape(*batch, nb, block, kb, block)
+    amax = tiles.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=AMAX_FLOOR)
+    scales = amax / qmax
+    # w / scale can land an fp32 rounding step above fp8_max; clamping makes saturation explicit
+    # rather than leaving it to the cast, which gives NaN past the top of the range for e4m3fnuz
+    # (and differs between devices).
+    q = (tiles / scales).clamp(-qmax, qmax).to(fp8_dtype)
+    wq = q.reshape(*batch, nb * block, kb * block)[..., :n, :k].contiguous()
+    ws = scales.reshape(*batch, nb, kb).contiguous()
+    return wq, ws
+
+
+def dequantize_fp8_blocks(wq: torch.Tensor, ws: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Dequantize block-scaled fp8 weights: ``wq.float() * ws`` of each value's tile.
+
+    :param wq: float8_e4m3fn | float8_e4m3fnuz [..., N, K].
+    :param ws: float32 [..., ceil(N / block), ceil(K / block)]; ``ws[..., i, j]`` scales rows
+        ``i * block : (i + 1) * block`` and columns ``j * block : (j + 1) * block`` (a checkpoint's
+        ``weight_scale_inv``).
+    :param block: tile edge (128 for DeepSeek-V3).
+    :returns: float32 [..., N, K], on wq's device.
+    """
+    op = "dequantize_fp8_blocks"
+    _check_fp8(op, "wq", wq, 2, "[..., N, K]")
+    _v.positive_int(op, "block", block)
+    *batch, n, k = wq.shape
+    _check_scales(
+        op, "ws", ws, [*batch, _v.cdiv(n, block), _v.cdiv(k, block)], "[..., ceil(N / block), ceil(K / block)]"
+    )
+    _v.same_device(op, (("wq", wq), ("ws", ws)))
+    per_value = ws.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
+    return wq.float() * per_value

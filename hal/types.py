@@ -1,0 +1,180 @@
+"""Plain data that crosses the plugin boundary: probe results, capabilities, backend specs, op results.
+
+Everything here is a frozen dataclass or a named tuple: backends build these values, the core reads
+them, and ``hal info --json`` serializes them. Nothing here touches a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "FP8_FORMATS",
+    "Availability",
+    "BackendImpl",
+    "BackendSpec",
+    "Capabilities",
+    "MemoryStats",
+    "Permutation",
+    "RouteResult",
+]
+
+#: fp8 formats by name. ``e4m3fn`` (OCP, max 448) is what NVIDIA Hopper/Blackwell, MI350 (gfx950) and
+#: DeepSeek's checkpoints use; ``e4m3fnuz`` (max 240, no negative zero, NaN = 0x80) is MI300's (gfx942).
+FP8_FORMATS: Mapping[str, torch.dtype] = {
+    "e4m3fn": torch.float8_e4m3fn,
+    "e4m3fnuz": torch.float8_e4m3fnuz,
+}
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What a backend's probe found.
+
+    :param available: True when the backend can run on this machine now.
+    :param reason: why not, in one line a user can act on (empty when available; may still say
+        something useful, e.g. ``"1 device: NVIDIA H100 80GB HBM3"``).
+    :param details: cheap facts the probe read (driver version, device names), shown by ``hal info``.
+    """
+
+    available: bool
+    reason: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def yes(cls, reason: str = "", **details: Any) -> Availability:
+        return cls(True, reason, details)
+
+    @classmethod
+    def no(cls, reason: str, **details: Any) -> Availability:
+        return cls(False, reason, details)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a built backend's device can do, as data (read by op predicates and ``hal info``).
+
+    :param device_type: torch's device type string (``"cpu"``, ``"cuda"``, ``"npu"``).
+    :param device_name: human name (``"NVIDIA H100 80GB HBM3"``, ``"x86_64 CPU"``).
+    :param arch: architecture key used by tuning tables (``"cpu"``, ``"sm90"``, ``"gfx942"``,
+        ``"ascend910b"``).
+    :param dtypes: floating dtypes the device computes in natively.
+    :param fp8_format: ``"e4m3fn"``, ``"e4m3fnuz"`` or ``None`` when the device has no fp8 arithmetic.
+    :param int8: True when the device has int8 matmul.
+    :param memory_bytes: device memory in bytes, ``None`` when unknown.
+    :param device_count: devices of this kind visible to the process.
+    :param dist_backend: the torch.distributed backend name for collectives (``"gloo"``, ``"nccl"``,
+        ``"hccl"``).
+    :param extra: anything else worth showing (topology, driver), as strings.
+    """
+
+    device_type: str
+    device_name: str
+    arch: str
+    dtypes: tuple[torch.dtype, ...]
+    fp8_format: str | None
+    int8: bool
+    memory_bytes: int | None
+    device_count: int
+    dist_backend: str
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fp8_format is not None and self.fp8_format not in FP8_FORMATS:
+            raise ValueError(
+                f"Capabilities.fp8_format: expected one of {sorted(FP8_FORMATS)} or None, got {self.fp8_format!r}"
+            )
+
+    @property
+    def fp8_dtype(self) -> torch.dtype | None:
+        """The torch dtype of :attr:`fp8_format`, or ``None``."""
+        return FP8_FORMATS[self.fp8_format] if self.fp8_format else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device_type": self.device_type,
+            "device_name": self.device_name,
+            "arch": self.arch,
+            "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+            "fp8_format": self.fp8_format,
+            "int8": self.int8,
+            "memory_bytes": self.memory_bytes,
+            "device_count": self.device_count,
+            "dist_backend": self.dist_backend,
+            "extra": dict(self.extra),
+        }
+
+
+@dataclass(frozen=True)
+class BackendImpl:
+    """What a backend's ``load`` returns once it has been selected.
+
+    :param device: the torch device its ops run on.
+    :param capabilities: the device's capabilities.
+    :param ops: op name → callable, for the ops this backend implements itself. Missing compute ops
+        fall back to the reference backend's; see :mod:`hal.ops.catalogue` for each op's contract.
+    """
+
+    device: torch.device
+    capabilities: Capabilities
+    ops: Mapping[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend as a plugin declares it through ``hal_register_backends``.
+
+    :param name: unique backend name (``"cpu"``, ``"nvidia"``), what ``HAL_BACKEND`` takes.
+    :param priority: higher wins when no backend is named. In-tree: nvidia 100, rocm 90, ascend 80,
+        cpu 0.
+    :param probe: cheap availability check. It must not import a vendor SDK's heavy modules or create
+        a device context; exceptions it raises are caught and reported as the reason.
+    :param load: called only after selection; imports the heavy module and returns a
+        :class:`BackendImpl`.
+    :param description: one line for ``hal info``.
+    :param reference: True for the backend whose ops are the oracle and the fallback (``cpu``).
+    """
+
+    name: str
+    priority: int
+    probe: Callable[[], Availability]
+    load: Callable[[], BackendImpl]
+    description: str = ""
+    reference: bool = False
+
+
+class MemoryStats(NamedTuple):
+    """Device memory in bytes; ``None`` where the device cannot tell."""
+
+    allocated: int | None
+    reserved: int | None
+    peak: int | None
+    total: int | None
+
+
+class RouteResult(NamedTuple):
+    """``moe_route``'s result.
+
+    :ivar weights: float32 [T, top_k], the combine weights (after normalization and scaling).
+    :ivar ids: int64 [T, top_k], the selected experts, distinct per token, in no particular order.
+    """
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+class Permutation(NamedTuple):
+    """``moe_permute``'s result: token rows sorted by expert (DeepGEMM's contiguous layout).
+
+    :ivar x: [T * top_k, H], row ``r`` is token ``order[r] // top_k``.
+    :ivar offsets: int64 [E + 1], expert ``e`` owns rows ``offsets[e]:offsets[e + 1]``.
+    :ivar order: int64 [T * top_k], the flat index ``t * top_k + j`` each sorted row came from.
+    """
+
+    x: torch.Tensor
+    offsets: torch.Tensor
+    order: torch.Tensor

@@ -1,0 +1,247 @@
+"""Tests of the reference collectives (:mod:`hal_cpu.reference.collectives`) over gloo with 2 processes.
+
+Starting a process group takes seconds, so one 2-process job runs every check (``_CHECKS``) and
+writes each rank's verdicts to a file; each test then asserts one check's verdict on both ranks.
+Every input is a deterministic function of its rank, so each rank computes the expected result of a
+collective on its own, in a single process, and compares.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hal.ops.catalogue import CATALOGUE
+from hal_cpu.reference import collectives as ref
+
+WORLD = 2
+JOIN_TIMEOUT_S = 120.0
+FP8 = torch.float8_e4m3fn
+
+
+def _x(rank: int, *shape: int, seed: int = 0) -> torch.Tensor:
+    """Rank ``rank``'s fp32 input: the same on every process that asks."""
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    return torch.randn(*shape, generator=g)
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bitwise equality (fp8 compared as bytes, since fp8 has no equality kernel everywhere)."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        raise AssertionError(f"got {got.dtype} {list(got.shape)}, want {want.dtype} {list(want.shape)}")
+    if want.dtype.itemsize == 1 and want.dtype.is_floating_point:
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    if not torch.equal(got, want):
+        raise AssertionError(f"values differ:\ngot  {got}\nwant {want}")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# -- the checks: each runs on every rank, raises on a mismatch ---------------------------------------
+
+
+def check_all_reduce_sum(rank: int) -> None:
+    t = _x(rank, 5, 3)
+    out = ref.all_reduce(t, op="sum")
+    assert out is t, "all_reduce must work in place and return t"
+    _close(t, _x(0, 5, 3) + _x(1, 5, 3))
+
+
+def check_all_reduce_max(rank: int) -> None:
+    t = _x(rank, 7)
+    ref.all_reduce(t, op="max")
+    _same(t, torch.maximum(_x(0, 7), _x(1, 7)))
+
+
+def check_all_reduce_min_bf16(rank: int) -> None:
+    t = _x(rank, 7).bfloat16()
+    ref.all_reduce(t, op="min")
+    _same(t, torch.minimum(_x(0, 7), _x(1, 7)).bfloat16())
+
+
+def check_all_reduce_avg(rank: int) -> None:
+    t = _x(rank, 4, 4)
+    ref.all_reduce(t, op="avg")
+    _close(t, (_x(0, 4, 4) + _x(1, 4, 4)) / WORLD)
+
+
+def check_all_reduce_avg_int(rank: int) -> None:
+    t = torch.tensor([3, -3, 4, 7]) + rank  # sums 7, -5, 9, 15
+    ref.all_reduce(t, op="avg")
+    _same(t, torch.tensor([3, -2, 4, 7]))  # truncated towards zero
+
+
+def check_all_reduce_non_contiguous(rank: int) -> None:
+    base = _x(rank, 3, 4)
+    t = base.t()
+    out = ref.all_reduce(t, op="sum")
+    assert out is t
+    _close(base, _x(0, 3, 4) + _x(1, 3, 4))
+
+
+def check_all_gather_fp32(rank: int) -> None:
+    out = ref.all_gather(_x(rank, 3, 2))
+    _same(out, torch.cat([_x(r, 3, 2) for r in range(WORLD)]))
+
+
+def check_all_gather_fp8(rank: int) -> None:
+    out = ref.all_gather(_x(rank, 4, 16).to(FP8))
+    _same(out, torch.cat([_x(r, 4, 16).to(FP8) for r in range(WORLD)]))
+
+
+def check_reduce_scatter_sum(rank: int) -> None:
+    t = _x(rank, 6, 3)
+    before = t.clone()
+    out = ref.reduce_scatter(t, op="sum")
+    _close(out, (_x(0, 6, 3) + _x(1, 6, 3)).chunk(WORLD)[rank])
+    _same(t, before)  # the input is not clobbered
+
+
+def check_reduce_scatter_avg(rank: int) -> None:
+    out = ref.reduce_scatter(_x(rank, 4, 5), op="avg")
+    _close(out, ((_x(0, 4, 5) + _x(1, 4, 5)) / WORLD).chunk(WORLD)[rank])
+
+
+def check_reduce_scatter_max(rank: int) -> None:
+    out = ref.reduce_scatter(_x(rank, 4), op="max")
+    _same(out, torch.maximum(_x(0, 4), _x(1, 4)).chunk(WORLD)[rank])
+
+
+# SPLITS[src][dst]: rows rank src sends to rank dst. Rank 0 sends itself nothing (a zero split).
+SPLITS = [[0, 3], [2, 1]]
+
+
+def _all_to_all_expected(rank: int, dtype: torch.dtype) -> torch.Tensor:
+    parts = []
+    for src in range(WORLD):
+        start = sum(SPLITS[src][:rank])
+        parts.append(_x(src, sum(SPLITS[src]), 16)[start : start + SPLITS[src][rank]])
+    return torch.cat(parts).to(dtype)
+
+
+def _check_all_to_all_uneven(rank: int, dtype: torch.dtype) -> None:
+    t = _x(rank, sum(SPLITS[rank]), 16).to(dtype)
+    out = ref.all_to_all(
+        t,
+        output_split_sizes=[SPLITS[src][rank] for src in range(WORLD)],
+        input_split_sizes=SPLITS[rank],
+    )
+    _same(out, _all_to_all_expected(rank, dtype))
+
+
+def check_all_to_all_uneven_fp32(rank: int) -> None:
+    _check_all_to_all_uneven(rank, torch.float32)
+
+
+def check_all_to_all_uneven_fp8(rank: int) -> None:
+    _check_all_to_all_uneven(rank, FP8)
+
+
+def check_all_to_all_equal(rank: int) -> None:
+    out = ref.all_to_all(_x(rank, 4, 3))
+    _same(out, torch.cat([_x(src, 4, 3).chunk(WORLD)[rank] for src in range(WORLD)]))
+
+
+def check_broadcast_fp32(rank: int) -> None:
+    t = _x(rank, 2, 3)
+    out = ref.broadcast(t, src=1)
+    assert out is t, "broadcast must work in place and return t"
+    _same(t, _x(1, 2, 3))
+
+
+def check_broadcast_fp8(rank: int) -> None:
+    t = _x(rank, 5, 8).to(FP8)
+    ref.broadcast(t, src=0)
+    _same(t, _x(0, 5, 8).to(FP8))
+
+
+def check_broadcast_non_contiguous(rank: int) -> None:
+    base = _x(rank, 4, 2)
+    ref.broadcast(base.t(), src=0)
+    _same(base, _x(0, 4, 2))
+
+
+def check_barrier(rank: int) -> None:
+    # Rank 1 arrives late: rank 0 must wait for it.
+    if rank == 1:
+        time.sleep(0.5)
+    start = time.monotonic()
+    assert ref.barrier() is None
+    waited = time.monotonic() - start
+    if rank == 0 and waited < 0.3:
+        raise AssertionError(f"rank 0 left the barrier after {waited:.3f} s, before rank 1 arrived")
+
+
+_CHECKS: dict[str, Callable[[int], None]] = {
+    name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
+}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    verdicts: dict[str, str | None] = {}
+    try:
+        for name, check in _CHECKS.items():
+            try:
+                check(rank)
+                verdicts[name] = None
+            except Exception:  # recorded, and reported by that check's test
+                verdicts[name] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(verdicts))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
+    """Run every check in one 2-process gloo job; one dict of check name → traceback (None: passed) per rank."""
+    out_dir = tmp_path_factory.mktemp("collectives")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the 2-process gloo job did not finish within {JOIN_TIMEOUT_S:.0f} s (a hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_signatures_match_the_catalogue() -> None:
+    expected = {name for name, spec in CATALOGUE.items() if spec.kind == "collective"}
+    assert set(ref.__all__) == expected
+    for name in ref.__all__:
+        want = [(p.name, p.kind, p.default) for p in CATALOGUE[name].signature.parameters.values()]
+        got = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(ref, name)).parameters.values()]
+        assert got == want, name
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", list(_CHECKS))
+def test_collective(check: str, verdicts: list[dict[str, str | None]]) -> None:
+    failures = [f"rank {r}:\n{v[check]}" for r, v in enumerate(verdicts) if v[check] is not None]
+    assert not failures, "\n".join(failures)
