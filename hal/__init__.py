@@ -51,9 +51,9 @@ __all__ = [
     "backends",
     "default_registry",
     "errors",
-    "quant",
     "get_backend",
     "hookimpl",
+    "quant",
 ]
 
 try:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hal.errors import DeviceError, DTypeError, OpInputError, ShapeError
+from hal.errors import DeviceError, DTypeError, LayoutError, OpInputError, ShapeError
 
 FLOATS: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 FP8S: tuple[torch.dtype, ...] = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -74,3 +74,36 @@ def positive_int(op: str, name: str, value: object) -> None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value checks of index tensors (block tables, offsets, lengths, expert ids)
+# ---------------------------------------------------------------------------------------------------
+# Reading a tensor's values on an accelerator would synchronize it on every call, so these run only
+# when the index tensor lives on the CPU: always in the reference backend and in CI, and for host-side
+# metadata on any backend. On a device they are skipped and the kernel trusts its input, as FlashMLA
+# and DeepGEMM do.
+
+
+def on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def values_in(op: str, name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Every value of ``t`` in ``[lo, hi)`` (host tensors only)."""
+    if t.numel() == 0 or not on_host(t):
+        return
+    low, high = int(t.min()), int(t.max())
+    if low < lo or high >= hi:
+        bad = low if low < lo else high
+        raise LayoutError(op, name, f"values must lie in [{lo}, {hi}) ({what}), found {bad}")
+
+
+def cumulative(op: str, name: str, t: torch.Tensor, total: int, exact: bool, what: str) -> None:
+    """``t`` starts at 0, never decreases, and ends at ``total`` (``exact``) or at most ``total``."""
+    if not on_host(t):
+        return
+    first, last = int(t[0]), int(t[-1])
+    if first != 0 or (t[1:] < t[:-1]).any() or (last != total if exact else last > total):
+        end = f"end at {total}" if exact else f"end at most at {total}"
+        raise LayoutError(op, name, f"must start at 0, never decrease and {end} ({what}); got {t.tolist()[:16]}")

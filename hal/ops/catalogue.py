@@ -287,6 +287,7 @@ def _check_offsets(op: str, x: torch.Tensor, w: torch.Tensor, offsets: torch.Ten
     _v.dtype(op, "offsets", offsets, _v.INDICES)
     _v.size(op, "offsets", offsets, 0, w.shape[0] + 1, f"E + 1 for {w.shape[0]} experts")
     _v.same_device(op, (("x", x), ("offsets", offsets)))
+    _v.cumulative(op, "offsets", offsets, x.shape[0], False, f"row offsets into x's {x.shape[0]} rows")
 
 
 @_op("compute")
@@ -318,6 +319,7 @@ def _check_masked_m(op: str, x: torch.Tensor, w: torch.Tensor, masked_m: torch.T
     _v.dtype(op, "masked_m", masked_m, _v.INDICES)
     _v.size(op, "masked_m", masked_m, 0, w.shape[0], "E")
     _v.same_device(op, (("x", x), ("masked_m", masked_m)))
+    _v.values_in(op, "masked_m", masked_m, 0, x.shape[1] + 1, f"valid rows, max_m = {x.shape[1]}")
 
 
 @_op("compute")
@@ -422,7 +424,8 @@ def mla_decode(
     :param kv_cache: q's dtype, [num_blocks, block_size, 1, d] (block_size 64).
     :param block_table: int32 [b, max_blocks_per_seq]; token ``i`` of sequence ``s`` lives in block
         ``block_table[s, i // block_size]`` at row ``i % block_size``. Entries past a sequence's
-        length are not read.
+        length are not read. Block ids must lie in ``[0, num_blocks)`` (checked when block_table is
+        a CPU tensor; on a device, checking would synchronize it on every call).
     :param cache_seqlens: int32 [b], tokens in the cache per sequence (including the s_q new ones).
     :param head_dim_v: value dims (512 for DeepSeek-V3), ``<= d``.
     :param softmax_scale: ``None`` means ``d ** -0.5``.
@@ -450,6 +453,13 @@ def mla_decode(
     _v.same_device(
         op, (("q", q), ("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens))
     )
+    if _v.on_host(block_table) and _v.on_host(cache_seqlens) and b:
+        block_size, capacity = kv_cache.shape[1], block_table.shape[1] * kv_cache.shape[1]
+        _v.values_in(
+            op, "cache_seqlens", cache_seqlens, 0, capacity + 1, f"at most {capacity} tokens fit the block table"
+        )
+        used = torch.arange(block_table.shape[1]) < ((cache_seqlens.long() + block_size - 1) // block_size)[:, None]
+        _v.values_in(op, "block_table", block_table[used], 0, kv_cache.shape[0], "block ids of kv_cache")
     return _impl(
         q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal
     )
@@ -501,6 +511,8 @@ def attention_prefill(
         raise ShapeError(op, "cu_seqlens_q", f"expected [b + 1] with b >= 1, got {list(cu_seqlens_q.shape)}")
     _v.size(op, "cu_seqlens_k", cu_seqlens_k, 0, cu_seqlens_q.shape[0], "b + 1 of cu_seqlens_q")
     _v.same_device(op, (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)))
+    _v.cumulative(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], True, "cumulative query lengths")
+    _v.cumulative(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], True, "cumulative key lengths")
     return _impl(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=softmax_scale, causal=causal)
 
 
@@ -597,6 +609,7 @@ def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> Pe
     _v.size("moe_permute", "topk_ids", topk_ids, 0, x.shape[0], "T of x")
     _v.positive_int("moe_permute", "num_experts", num_experts)
     _v.same_device("moe_permute", (("x", x), ("topk_ids", topk_ids)))
+    _v.values_in("moe_permute", "topk_ids", topk_ids, 0, num_experts, f"expert ids, num_experts = {num_experts}")
     return _impl(x, topk_ids, num_experts)
 
 
@@ -622,6 +635,7 @@ def moe_unpermute(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tens
     _v.size(op, "y", y, 0, rows, "T * top_k of topk_weights")
     _v.size(op, "order", order, 0, rows, "T * top_k of topk_weights")
     _v.same_device(op, (("y", y), ("order", order), ("topk_weights", topk_weights)))
+    _v.values_in(op, "order", order, 0, rows, "flat indices t * top_k + j")
     return _impl(y, order, topk_weights)
 
 
@@ -660,7 +674,9 @@ def rotary(
     """Rotary position embedding on the last dim.
 
     With ``interleaved`` (DeepSeek's layout) value pairs ``(x[2i], x[2i+1])`` rotate by angle ``i``;
-    otherwise (NeoX layout) pairs ``(x[i], x[i + D/2])``. The result keeps x's layout.
+    otherwise (NeoX layout) pairs ``(x[i], x[i + D/2])``. The result keeps x's layout (as DeepSeek's
+    own code does; transformers' ``apply_rotary_pos_emb_interleave`` returns the rotated values
+    de-interleaved instead, which permutes q and k alike and leaves attention scores unchanged).
 
     :param x: float32 | bfloat16 | float16 [T, ..., D], D even.
     :param positions: int32 | int64 [T], each token's position.
@@ -782,10 +798,15 @@ def all_to_all(
     :param t: any dtype (fp8 included) [n, ...].
     :param output_split_sizes: rows received from each rank (length world_size); ``None`` means equal.
     :param input_split_sizes: rows sent to each rank (length world_size, sum n); ``None`` means equal.
+        Give both lists or neither.
     :param group: process group; ``None`` means the world.
     :returns: [sum(output_split_sizes), ...].
     """
     _check_collective_tensor("all_to_all", t)
+    if (output_split_sizes is None) != (input_split_sizes is None):
+        raise OpInputError(
+            "all_to_all", "output_split_sizes", "give both split lists or neither (None means equal splits)"
+        )
     world = torch.distributed.get_world_size(group)
     for name, splits in (("output_split_sizes", output_split_sizes), ("input_split_sizes", input_split_sizes)):
         if splits is not None and (len(splits) != world or any(s < 0 for s in splits)):
