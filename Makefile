@@ -31,7 +31,7 @@ $(PLUGINS)/.installed: $(VENV)/.installed examples/hal-example-plugin/pyproject.
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/hal info
+	$(BIN)/hal run
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

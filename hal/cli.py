@@ -3,6 +3,11 @@
 ``hal info`` shows what HAL discovered: plugins (distribution, version, status), backends
 (availability and reason, priority), the selected backend, and for every available backend its device,
 capabilities and op table (op → implementation → why). ``--json`` prints the same as one JSON document.
+
+``hal run`` generates with the DeepSeek-V3 model on the selected backend: a built-in tiny model with
+seeded random weights by default, or a Hugging Face model directory (``--model DIR``); it prints the
+generated ids (and text, with ``--prompt``), prefill and decode tokens/s and peak memory. Progress goes
+to stderr, so ``--json`` leaves stdout one JSON document.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import logging
 import platform
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +27,20 @@ import hal
 from hal.errors import HALError
 from hal.registry import Registry
 
-__all__ = ["info_data", "main"]
+if TYPE_CHECKING:
+    from hal.model import DeepseekModel
+
+__all__ = ["RunError", "info_data", "main", "parse_prompt_ids"]
+
+#: ``--dtype`` choices: torch's names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_MODEL = "tiny (random weights)"
+
+log = logging.getLogger("hal.cli")  # not __name__: that is "__main__" under `python -m hal.cli`
+
+
+class RunError(HALError, ValueError):
+    """A ``hal run`` option that cannot be used as given (the message names the option)."""
 
 
 def _gib(n: int | None) -> str:
@@ -153,6 +172,199 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------
+# hal run
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_prompt_ids(text: str) -> list[list[int]]:
+    """``"1,2,3;7,8"`` → ``[[1, 2, 3], [7, 8]]``: prompts separated by ``;``, ids by ``,`` (spaces allowed).
+
+    :raises RunError: an empty prompt or an item that is not an integer, with its position.
+    """
+    prompts: list[list[int]] = []
+    for i, part in enumerate(text.split(";")):
+        items = [item.strip() for item in part.split(",")]
+        if items == [""]:
+            raise RunError(f"--prompt-ids: prompt {i} is empty in {text!r}; separate prompts with ';' and ids with ','")
+        ids = []
+        for j, item in enumerate(items):
+            try:
+                ids.append(int(item))
+            except ValueError:
+                raise RunError(
+                    f"--prompt-ids: prompt {i} ({part.strip()!r}): item {j} is {item!r}, not an integer; "
+                    "expected ids like '1,2,3;7,8'"
+                ) from None
+        prompts.append(ids)
+    return prompts
+
+
+def random_prompts(batch: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """``batch`` seeded random prompts with lengths spread over 8..32 tokens (different lengths, so the
+    batch exercises the packed prefill and ragged decode)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [8 + (24 * i) // max(batch - 1, 1) for i in range(batch)]
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _tokenizer(model_dir: str | None) -> Any:
+    if model_dir is None:
+        raise RunError("--prompt: text needs a tokenizer; give --model DIR with a tokenizer.json (or use --prompt-ids)")
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise RunError(f"--prompt: {path} not found; the model directory has no tokenizer.json (use --prompt-ids)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise RunError("--prompt: needs the tokenizers package: pip install tokenizers") from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type for unreadable files
+        raise RunError(f"--prompt: cannot read {path}: {exc}") from None
+
+
+def _tiny_model(args: argparse.Namespace, backend: hal.Backend, dtype: torch.dtype) -> DeepseekModel:
+    from hal.model import DeepseekModel, Fp8Weight, random_state_dict, tiny_config
+    from hal.model.weights import Weight, is_linear
+    from hal.quant import quantize_fp8_blocks
+
+    cfg = tiny_config()
+    dense = random_state_dict(cfg, seed=args.seed)
+    weights: dict[str, Weight] = dict(dense)
+    if args.quantize == "fp8":
+        # What --model DIR --quantize fp8 does at load: DeepSeek's block-scaled format, in the backend's E4M3.
+        fp8 = backend.capabilities.fp8_dtype
+        if fp8 is None:
+            raise RunError(
+                f"--quantize fp8: backend {backend.name!r} ({backend.capabilities.arch}) has no FP8 arithmetic; "
+                "run without --quantize or choose a backend with FP8"
+            )
+        weights = {
+            k: Fp8Weight(*quantize_fp8_blocks(w, fp8_dtype=fp8)) if is_linear(k) else w for k, w in dense.items()
+        }
+    return DeepseekModel(cfg, backend, weights, dtype=dtype)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hal.model.generate import generate
+
+    if not args.quiet:
+        for name in ("hal.cli", "hal.model"):
+            logging.getLogger(name).setLevel(logging.INFO)
+    dtype = DTYPES[args.dtype]
+    prompts: list[list[int]] | None = None
+    tokenizer = None
+    if args.batch is not None and (args.prompt_ids is not None or args.prompt is not None):
+        raise RunError("--batch: draws random prompts; it cannot be combined with --prompt-ids or --prompt")
+    # Read every input before loading a model, which can take minutes.
+    if args.prompt_ids is not None:
+        prompts = parse_prompt_ids(args.prompt_ids)
+    elif args.prompt is not None:
+        tokenizer = _tokenizer(args.model)
+        prompts = [tokenizer.encode(text).ids for text in args.prompt]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise RunError(f"--prompt: prompt {i} ({args.prompt[i]!r}) encodes to no tokens")
+    backend = hal.get_backend(args.backend)
+    label = TINY_MODEL if args.model is None else str(args.model)
+    log.info("building %s on %s (%s, %s)", label, backend.name, backend.device, args.dtype)
+    if args.model is None:
+        model = _tiny_model(args, backend, dtype)
+    else:
+        from hal.model.loader import load_model
+
+        model = load_model(args.model, backend, dtype=dtype, quantize=args.quantize, progress=not args.quiet)
+    if prompts is None:
+        batch = 4 if args.batch is None else args.batch
+        prompts = random_prompts(batch, model.cfg.vocab_size, args.seed)
+    if args.warmup:
+        # The first calls pay one-time costs (kernel selection, allocator growth, lazy initialization) that
+        # would otherwise be charged to the reported rates: run one short sequence first, untimed.
+        log.info("warm-up: one sequence, %d new token(s)", min(2, args.max_new_tokens))
+        generate(model, [prompts[0][:8]], max_new_tokens=min(2, args.max_new_tokens))
+    result = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    texts = None if tokenizer is None else [tokenizer.decode(t) for t in result.tokens]
+    data: dict[str, Any] = {
+        "backend": backend.name,
+        "device": str(backend.device),
+        "model": label,
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "prompts": prompts,
+        **result.to_dict(),
+    }
+    if texts is not None:
+        data["prompt_texts"] = list(args.prompt)
+        data["texts"] = texts
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_run(data))
+    return 0
+
+
+def _per_s(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:,.1f} tok/s"
+
+
+def format_run(data: dict[str, Any]) -> str:
+    """The human form of ``hal run --json``."""
+    quant = f" · weights {data['quantize']}" if data["quantize"] else ""
+    sampling = "greedy"
+    if data["temperature"] != 0:
+        sampling = f"temperature {data['temperature']:g}, top-p {data['top_p']:g}, seed {data['seed']}"
+    out = [
+        f"backend: {data['backend']} ({data['device']})",
+        f"model: {data['model']} · {data['dtype']}{quant}",
+        f"sampling: {sampling}",
+        "",
+    ]
+    for i, (tokens, n, reason) in enumerate(
+        zip(data["tokens"], data["prompt_lengths"], data["finish_reasons"], strict=True)
+    ):
+        out.append(f"sequence {i}: prompt {n} tokens → {len(tokens)} new ({reason})")
+        if "texts" in data:
+            out.append(f"  prompt: {data['prompt_texts'][i]!r}")
+            out.append(f"  text:   {data['texts'][i]!r}")
+        out.append("  ids:    " + (" ".join(map(str, tokens)) or "-"))
+    peak = data["peak_memory_bytes"]
+    memory = "unknown" if peak is None else f"{peak / 2**20:,.1f} MiB"
+    out += [
+        "",
+        f"prefill: {_per_s(data['prefill_tokens_per_s'])} · decode: {_per_s(data['decode_tokens_per_s'])} · "
+        f"peak memory {memory}",
+    ]
+    return "\n".join(out)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hal",
@@ -172,6 +384,95 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     info.add_argument("--backend", metavar="NAME", help="show only this backend (an error if it is unavailable)")
     info.set_defaults(func=_cmd_info)
+
+    run = sub.add_parser(
+        "run",
+        help="generate with the DeepSeek-V3 model (default: a tiny model with random weights) and print tokens/s",
+        description="Generate tokens with the DeepSeek-V3 architecture on the selected backend and report prefill "
+        "and decode throughput and peak memory. Without --model it builds a built-in tiny config (about 3M "
+        "parameters) with weights drawn from --seed; without --prompt-ids or --prompt it generates from --batch "
+        "seeded random prompts of 8 to 32 tokens. Prompts of different lengths run as one batch: one prefill, then "
+        "one decode step per token; a sequence stops at an end-of-sequence id (config.json's eos_token_id; null "
+        "never stops early) or after --max-new-tokens.",
+        epilog="Examples: hal run · hal run --json · hal run --model DIR --prompt-ids '1,2,3;7,8' --max-new-tokens 16 "
+        "· hal run --model DIR --prompt 'Hello' --temperature 0.7 --top-p 0.9 --seed 1",
+    )
+    run.add_argument(
+        "--model",
+        metavar="DIR",
+        help="a Hugging Face model directory (config.json and safetensors, bf16/fp32 or DeepSeek FP8); "
+        "default: the built-in tiny model with seeded random weights",
+    )
+    prompt = run.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--prompt-ids",
+        metavar="IDS",
+        help="token ids, ',' between ids and ';' between prompts ('1,2,3;7,8': a batch of two sequences)",
+    )
+    prompt.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        action="append",
+        help="a text prompt, tokenized with DIR/tokenizer.json (needs --model); repeat for a batch",
+    )
+    run.add_argument(
+        "--batch",
+        type=_positive_int,
+        metavar="N",
+        help="draw N seeded random prompts of different lengths (default 4; only without a prompt)",
+    )
+    run.add_argument(
+        "--max-new-tokens",
+        type=_non_negative_int,
+        default=32,
+        metavar="N",
+        help="the most tokens to generate per sequence (default 32; 0 runs the prefill only)",
+    )
+    run.add_argument(
+        "--backend", metavar="NAME", help="run on this backend (default: HAL_BACKEND, else the best available)"
+    )
+    run.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="activation and weight dtype (default float32); FP8 weights stay FP8",
+    )
+    run.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        help="quantize the linear layers' weights to FP8 at load (DeepSeek's format: e4m3 with one fp32 scale "
+        "per 128x128 block)",
+    )
+    run.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        default=0.0,
+        help="0 (default) is greedy; above 0 samples from softmax(logits / temperature)",
+    )
+    run.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        default=1.0,
+        help="sample only among the most likely tokens covering this probability mass, in (0, 1] (default 1: all)",
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=0,
+        help="seeds the tiny model's weights, the random prompts and the sampler (default 0)",
+    )
+    run.add_argument("--json", action="store_true", help="print one JSON document (progress still goes to stderr)")
+    run.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the short untimed warm-up generation that keeps one-time start-up costs out of the rates",
+    )
+    run.add_argument("-q", "--quiet", action="store_true", help="do not log progress to stderr")
+    run.set_defaults(func=_cmd_run)
     return parser
 
 

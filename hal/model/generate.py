@@ -1,0 +1,363 @@
+"""Batched generation over the paged latent KV cache: greedy or seeded sampling, stop on EOS or length.
+
+:func:`generate` takes prompts of different lengths, runs them through one ``prefill`` (packed end to
+end, ``attention_prefill``), then one ``decode`` step (absorbed ``mla_decode``) per new token for the
+sequences still running. A sequence that emits an end-of-sequence token stops there (the EOS token is
+part of its output, as in transformers) and its cache blocks go back to the pool at once, so the
+remaining sequences decode as a smaller batch.
+
+Token choice is greedy at ``temperature == 0`` (``argmax``; ties go to the lowest id) and otherwise
+samples from ``softmax(logits / temperature)`` restricted to the top-p nucleus, with a
+``torch.Generator`` seeded by ``seed``: the same seed, prompts and model give the same tokens.
+
+Every input is checked before any compute, so bad input raises :class:`GenerationError` and never
+leaves partial output behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+from hal.backend import Backend
+from hal.errors import HALError
+from hal.kvcache import PagedKVCache
+from hal.model.config import ModelConfig
+from hal.ops.catalogue import KV_BLOCK_SIZE
+
+__all__ = ["GenerationError", "GenerationResult", "GenerativeModel", "generate"]
+
+log = logging.getLogger(__name__)
+
+# Seconds between two progress lines during decode.
+_PROGRESS_EVERY_S = 2.0
+
+
+class GenerationError(HALError, ValueError):
+    """:func:`generate` was called with arguments it cannot run (the message names the argument)."""
+
+
+class GenerativeModel(Protocol):
+    """What :func:`generate` needs from a model (:class:`~hal.model.deepseek.DeepseekModel` has it)."""
+
+    @property
+    def cfg(self) -> ModelConfig: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    def new_cache(self, num_blocks: int) -> PagedKVCache: ...
+
+    def prefill(
+        self, cache: PagedKVCache, seq_ids: Sequence[Hashable], prompts: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """float32 ``[b, vocab]``: the next-token logits after each prompt."""
+        ...
+
+    def decode(self, cache: PagedKVCache, seq_ids: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
+        """float32 ``[b, vocab]``: append one token per sequence, return the next-token logits."""
+        ...
+
+
+@dataclass
+class GenerationResult:
+    """What :func:`generate` produced, and how fast.
+
+    :ivar tokens: the generated ids of each sequence, prompt excluded (an EOS token that stopped a
+        sequence is its last element).
+    :ivar prompt_lengths: tokens in each prompt.
+    :ivar finish_reasons: per sequence, ``"eos"`` (emitted an end-of-sequence token) or ``"length"``
+        (reached ``max_new_tokens``).
+    :ivar prefill_seconds: wall time of the prefill and the choice of each sequence's first token.
+    :ivar decode_seconds: wall time of the decode steps and their token choices.
+    :ivar prefill_tokens: prompt tokens processed by the prefill.
+    :ivar decode_tokens: tokens produced by decode steps (one per running sequence per step; the first
+        token of each sequence comes from the prefill and is not counted).
+    :ivar peak_memory_bytes: the backend's peak memory after the run (``memory_stats().peak``: the
+        accelerator's allocator peak, the process's peak resident set on the CPU); ``None`` where the
+        backend cannot tell.
+    """
+
+    tokens: list[list[int]]
+    prompt_lengths: list[int]
+    finish_reasons: list[str]
+    prefill_seconds: float
+    decode_seconds: float
+    prefill_tokens: int
+    decode_tokens: int
+    peak_memory_bytes: int | None
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """Prompt tokens per second of prefill; ``None`` when nothing was timed."""
+        return _rate(self.prefill_tokens, self.prefill_seconds)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Generated tokens per second over the decode steps, all sequences together; ``None`` when no
+        decode step ran (``max_new_tokens <= 1``, or every sequence stopped at its first token)."""
+        return _rate(self.decode_tokens, self.decode_seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready data: every field plus the two rates."""
+        data = asdict(self)
+        data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        data["decode_tokens_per_s"] = self.decode_tokens_per_s
+        return data
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return tokens / seconds if tokens > 0 and seconds > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def _int(value: object, what: str) -> int:
+    # operator.index accepts int, numpy and 0-d torch integers, and refuses floats and strings;
+    # bool is an int subclass but True as a token id is a mistake.
+    if isinstance(value, bool):
+        raise GenerationError(f"generate: {what} must be an int, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise GenerationError(f"generate: {what} must be an int, got {value!r}") from None
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | torch.Tensor):
+        raise GenerationError(f"generate: prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise GenerationError("generate: prompts is empty; give at least one prompt (a list of token ids)")
+    vocab, max_pos = cfg.vocab_size, cfg.max_position_embeddings
+    checked: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1:
+                shape = list(prompt.shape)
+                raise GenerationError(f"generate: prompt {i}: expected a 1-d tensor of ids, got shape {shape}")
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise GenerationError(f"generate: prompt {i}: expected a list of token ids, got {type(prompt).__name__}")
+        ids = [_int(t, f"prompt {i}: token {j}") for j, t in enumerate(prompt)]
+        if not ids:
+            raise GenerationError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+        bad = [(j, t) for j, t in enumerate(ids) if not 0 <= t < vocab]
+        if bad:
+            shown = ", ".join(f"{t} at position {j}" for j, t in bad[:5]) + (" …" if len(bad) > 5 else "")
+            raise GenerationError(
+                f"generate: prompt {i}: token ids must lie in [0, {vocab}) (the vocabulary), got {shown}"
+            )
+        if len(ids) > max_pos:
+            raise GenerationError(
+                f"generate: prompt {i} has {len(ids)} tokens, more than max_position_embeddings ({max_pos}); shorten it"
+            )
+        # The last new token is returned, never fed back: positions run up to len + max_new_tokens - 2.
+        if len(ids) + max_new_tokens - 1 > max_pos:
+            raise GenerationError(
+                f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the sequence "
+                f"would outgrow max_position_embeddings ({max_pos}); lower max_new_tokens to at most "
+                f"{max_pos - len(ids) + 1}"
+            )
+        checked.append(ids)
+    return checked
+
+
+def _check_args(max_new_tokens: object, temperature: object, top_p: object) -> tuple[int, float, float]:
+    steps = _int(max_new_tokens, "max_new_tokens")
+    if steps < 0:
+        raise GenerationError(f"generate: max_new_tokens must be >= 0, got {steps}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise GenerationError(f"generate: temperature must be a number, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"generate: temperature must be finite and >= 0 (0 is greedy), got {temperature}")
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float):
+        raise GenerationError(f"generate: top_p must be a number, got {top_p!r}")
+    if not 0 < top_p <= 1:
+        raise GenerationError(f"generate: top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
+    return steps, float(temperature), float(top_p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token choice
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Sampler:
+    """Chooses one token per row of logits: greedy, or temperature + top-p sampling from one generator."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _rng(self, device: torch.device) -> torch.Generator:
+        # Made on first use, on the logits' device: multinomial wants its generator where its input is.
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            if self.seed is None:
+                self._generator.seed()
+            else:
+                self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def __call__(self, logits: torch.Tensor) -> list[int]:
+        """:param logits: ``[b, vocab]``. :returns: b token ids."""
+        if self.temperature == 0:
+            return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+        # Subtract the row maximum before dividing: a small temperature would overflow raw logits to inf.
+        z = logits.float()
+        z = (z - z.max(dim=-1, keepdim=True).values) / self.temperature
+        probs = torch.softmax(z, dim=-1)
+        if self.top_p < 1:
+            # Stable sort: among equal probabilities the lowest id ranks first, as argmax would pick it.
+            sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+            # Keep the smallest prefix whose mass reaches top_p: a token stays while the mass before it
+            # is below top_p, so the most likely token is always kept.
+            before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        choice = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device))
+        return [int(t) for t in choice.squeeze(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------
+
+
+def generate(
+    model: GenerativeModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    eos_token_ids: Sequence[int] | None = None,
+    num_blocks: int | None = None,
+    progress: bool = False,
+) -> GenerationResult:
+    """Continue each prompt by up to ``max_new_tokens`` tokens, all prompts as one batch.
+
+    :param model: a :class:`~hal.model.deepseek.DeepseekModel` (anything with its ``cfg``, ``backend``,
+        ``new_cache``, ``prefill`` and ``decode``).
+    :param prompts: token ids, one list per sequence; lengths may differ, none may be empty.
+    :param max_new_tokens: the most tokens to generate per sequence (0 runs the prefill only).
+    :param temperature: 0 is greedy (``argmax``, ties to the lowest id); above 0 samples from
+        ``softmax(logits / temperature)``.
+    :param top_p: nucleus sampling: sample only among the most likely tokens whose probabilities add up
+        to ``top_p``, in ``(0, 1]`` (1 keeps every token; ignored when greedy).
+    :param seed: seeds the sampler's ``torch.Generator``: the same seed gives the same tokens. ``None``
+        draws a fresh seed.
+    :param eos_token_ids: ids that end a sequence. ``None`` takes ``model.cfg.eos_token_id``; an empty
+        sequence never stops early.
+    :param num_blocks: KV cache blocks of 64 tokens. ``None`` reserves enough for every prompt plus
+        ``max_new_tokens``, rounded up per sequence; fewer can run out
+        (:class:`~hal.errors.KVCacheExhaustedError`).
+    :param progress: log progress (prefill done, decode steps every few seconds) at INFO, not DEBUG.
+    :raises GenerationError: an empty batch or prompt, an id outside the vocabulary, a prompt that with
+        ``max_new_tokens`` outgrows ``max_position_embeddings``, ``max_new_tokens < 0``,
+        ``temperature < 0``, ``top_p`` outside ``(0, 1]``, or a bad ``eos_token_ids`` / ``num_blocks``.
+    """
+    steps, temperature, top_p = _check_args(max_new_tokens, temperature, top_p)
+    cfg = model.cfg
+    ids = _check_prompts(prompts, cfg, steps)
+    eos_source = cfg.eos_token_id if eos_token_ids is None else eos_token_ids
+    if isinstance(eos_source, (str, bytes)) or not isinstance(eos_source, Sequence | torch.Tensor):
+        raise GenerationError(f"generate: eos_token_ids must be a sequence of ints or None, got {eos_source!r}")
+    eos = frozenset(_int(t, "eos_token_ids") for t in eos_source)
+    if seed is not None:
+        seed = _int(seed, "seed")
+    if num_blocks is None:
+        num_blocks = sum(-(-(len(p) + steps) // KV_BLOCK_SIZE) for p in ids)
+    else:
+        num_blocks = _int(num_blocks, "num_blocks")
+        if num_blocks <= 0:
+            raise GenerationError(f"generate: num_blocks must be a positive int, got {num_blocks}")
+    level = logging.INFO if progress else logging.DEBUG
+    sampler = _Sampler(temperature, top_p, seed)
+    backend = model.backend
+    batch = len(ids)
+    tokens: list[list[int]] = [[] for _ in ids]
+    reasons = ["length"] * batch
+
+    cache = model.new_cache(num_blocks)
+    seq_ids = list(range(batch))
+    prefill_tokens = sum(len(p) for p in ids)
+    log.log(level, "prefill: %d sequence(s), %d prompt tokens", batch, prefill_tokens)
+    backend.synchronize()
+    t0 = time.perf_counter()
+    logits = model.prefill(cache, seq_ids, ids)
+    active: list[int] = []
+    if steps > 0:
+        active = _advance(sampler(logits), seq_ids, tokens, reasons, eos, steps, cache)
+    backend.synchronize()
+    prefill_seconds = time.perf_counter() - t0
+    log.log(level, "prefill: %.3f s (%.1f tok/s)", prefill_seconds, prefill_tokens / max(prefill_seconds, 1e-9))
+    if steps == 0:  # prefill only: nothing is generated
+        for sid in seq_ids:
+            cache.free(sid)
+
+    decode_tokens = 0
+    t0 = last_log = time.perf_counter()
+    while active:
+        last = [tokens[s][-1] for s in active]
+        logits = model.decode(cache, active, last)
+        decode_tokens += len(active)
+        active = _advance(sampler(logits), active, tokens, reasons, eos, steps, cache)
+        if time.perf_counter() - last_log >= _PROGRESS_EVERY_S:
+            last_log = time.perf_counter()
+            done = max(len(t) for t in tokens)
+            log.log(level, "decode: %d/%d tokens, %d sequence(s) running", done, steps, len(active))
+    backend.synchronize()
+    decode_seconds = time.perf_counter() - t0 if decode_tokens else 0.0
+    if decode_tokens:
+        rate = decode_tokens / max(decode_seconds, 1e-9)
+        log.log(level, "decode: %d tokens in %.3f s (%.1f tok/s)", decode_tokens, decode_seconds, rate)
+
+    return GenerationResult(
+        tokens=tokens,
+        prompt_lengths=[len(p) for p in ids],
+        finish_reasons=reasons,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        prefill_tokens=prefill_tokens,
+        decode_tokens=decode_tokens,
+        peak_memory_bytes=backend.memory_stats().peak,
+    )
+
+
+def _advance(
+    chosen: list[int],
+    running: list[int],
+    tokens: list[list[int]],
+    reasons: list[str],
+    eos: frozenset[int],
+    steps: int,
+    cache: PagedKVCache,
+) -> list[int]:
+    """Append each running sequence's chosen token; free and drop the sequences that are done.
+
+    :returns: the sequences still running, in order.
+    """
+    still: list[int] = []
+    for sid, tok in zip(running, chosen, strict=True):
+        tokens[sid].append(tok)
+        if tok in eos:
+            reasons[sid] = "eos"
+        elif len(tokens[sid]) < steps:
+            still.append(sid)
+            continue
+        cache.free(sid)  # finished: its blocks serve the sequences still running
+    return still

@@ -1,0 +1,467 @@
+"""Load a DeepSeek model from a Hugging Face directory: ``config.json`` plus safetensors.
+
+Safetensors only: ``.bin``/``.pt`` pickles are never opened, since unpickling can run code. Files are
+memory-mapped and read tensor by tensor, and only the weights of
+:func:`hal.model.weights.expected_shapes` are read; every key, shape and FP8 scale is checked against
+the headers before any tensor data is touched, so a wrong checkpoint fails in seconds with every
+problem listed by the name found in the files.
+
+Checkpoint layouts: one ``model.safetensors``; shards listed by ``model.safetensors.index.json``
+(``weight_map``: key → file); or, with neither, every ``*.safetensors`` in the directory.
+
+FP8 (DeepSeek's format): a linear weight stored as float8 ``X.weight`` with a float32
+``X.weight_scale_inv [ceil(N / 128), ceil(K / 128)]`` becomes an :class:`~hal.model.weights.Fp8Weight`,
+or a dequantized tensor when the backend has no FP8. Multi-token-prediction layers
+(``model.layers.{i}`` with ``i >= num_hidden_layers``) are skipped: HAL does not run MTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hal.errors import HALError
+from hal.model.config import ModelConfig
+from hal.model.weights import Fp8Weight, Weight, checked_shapes, expected_shapes, is_linear
+from hal.progress import Progress
+from hal.quant import dequantize_fp8_blocks, quantize_fp8_blocks
+
+if TYPE_CHECKING:
+    from hal.backend import Backend
+    from hal.model.deepseek import DeepseekModel
+
+__all__ = ["ModelLoadError", "load_model", "load_weights", "save_fp8_checkpoint"]
+
+log = logging.getLogger("hal")
+
+#: Edge of the square tiles DeepSeek's FP8 checkpoints scale by (``weight_block_size`` [128, 128]).
+FP8_BLOCK = 128
+QUANTIZE_CHOICES = (None, "fp8")
+_SCALE_SUFFIX = "_scale_inv"  # "X.weight" + this = "X.weight_scale_inv"
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LIST_LIMIT = 20
+
+
+class ModelLoadError(HALError, ValueError):
+    """A model directory or checkpoint that cannot be loaded; the message names the directory, the file
+    and the keys at fault."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as a safetensors header describes it."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "F32", "BF16", "F8_E4M3", ...
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype.startswith("F8_")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_weights(
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    dequantize_fp8: bool = False,
+    progress: bool = True,
+) -> dict[str, Weight]:
+    """Read every weight of ``cfg`` from the safetensors of ``model_dir``, checked and converted.
+
+    :param model_dir: a Hugging Face model directory (``model.safetensors``, or shards with or without
+        ``model.safetensors.index.json``).
+    :param cfg: the architecture; its :func:`~hal.model.weights.expected_shapes` are the keys read.
+    :param dtype: floating dtype of every non-FP8 weight (``e_score_correction_bias`` stays float32).
+    :param quantize: ``None``, or ``"fp8"`` to quantize every linear weight whose K (last dim) is a
+        multiple of 128 to :class:`~hal.model.weights.Fp8Weight` (128×128 blocks); the others stay
+        ``dtype``.
+    :param fp8_dtype: float8_e4m3fn | float8_e4m3fnuz: the FP8 format of returned ``Fp8Weight`` s
+        (a checkpoint's FP8 data in the other format is converted, scales adjusted).
+    :param dequantize_fp8: return an FP8 checkpoint's linear weights dequantized to ``dtype`` (for a
+        backend without FP8) instead of as ``Fp8Weight``.
+    :param progress: show a progress line on stderr while reading tensors.
+    :returns: checkpoint-named weights, in :func:`~hal.model.weights.expected_shapes` order, on the CPU.
+    :raises ModelLoadError: missing directory or files, corrupt files, missing, unexpected or mis-shaped
+        keys, an FP8 weight without its scale (all problems found are listed together).
+    :raises ValueError: ``quantize`` not one of ``None``/``"fp8"``, or together with ``dequantize_fp8``.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"load_weights: quantize: expected one of {list(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if quantize is not None and dequantize_fp8:
+        raise ValueError("load_weights: quantize='fp8' and dequantize_fp8=True contradict each other")
+    if fp8_dtype not in _FP8_DTYPES:
+        raise ValueError(f"load_weights: fp8_dtype: expected float8_e4m3fn | float8_e4m3fnuz, got {fp8_dtype}")
+    if not dtype.is_floating_point or dtype in _FP8_DTYPES:
+        raise ValueError(f"load_weights: dtype: expected float32 | bfloat16 | float16, got {dtype}")
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: no such model directory")
+    expected = expected_shapes(cfg)
+    files = _checkpoint_files(root)
+
+    with ExitStack() as stack:
+        handles = {path: _open(stack, path) for path in files}
+        entries = _read_headers(root, handles, files)
+        scales = _check_entries(root, cfg, expected, entries)
+
+        weights: dict[str, Weight] = {}
+        n_quantized, unquantized = 0, []
+        with Progress(len(expected), f"loading {root.name or root}", enabled=progress) as bar:
+            for name in expected:
+                entry = entries[name]
+                t = _get(handles[entry.path], entry.path, name)
+                if entry.is_fp8:
+                    weights[name] = _fp8(handles, entries, name, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
+                elif not t.is_floating_point():
+                    raise ModelLoadError(f"{entry.path}: {name}: expected a floating tensor, got {t.dtype}")
+                elif name.endswith("e_score_correction_bias"):
+                    # The routing bias decides top-k ties between close scores: it is float32 in every
+                    # DeepSeek checkpoint and the model routes in float32.
+                    weights[name] = t.float()
+                elif quantize == "fp8" and is_linear(name):
+                    if t.shape[-1] % FP8_BLOCK == 0:
+                        q, s = quantize_fp8_blocks(t.float(), block=FP8_BLOCK, fp8_dtype=fp8_dtype)
+                        weights[name] = Fp8Weight(q, s)
+                        n_quantized += 1
+                    else:
+                        weights[name] = t.to(dtype)
+                        unquantized.append(name)
+                else:
+                    weights[name] = t.to(dtype)
+                bar.update()
+
+    if quantize == "fp8":
+        log.info("quantized %d linear weights to FP8 (%s, 128x128 blocks)", n_quantized, _dtype_name(fp8_dtype))
+        if unquantized:
+            log.info(
+                "left %d linear weights in %s: K (last dim) is not a multiple of %d, which block-scaled FP8 "
+                "GEMMs need: %s",
+                len(unquantized),
+                _dtype_name(dtype),
+                FP8_BLOCK,
+                _listing(unquantized, limit=5),
+            )
+    return weights
+
+
+def load_model(
+    model_dir: str | Path,
+    backend: Backend,
+    *,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    progress: bool = True,
+) -> DeepseekModel:
+    """Build a :class:`~hal.model.deepseek.DeepseekModel` from a Hugging Face model directory.
+
+    FP8 handling follows ``backend.capabilities.fp8_format``: with FP8 arithmetic, an FP8 checkpoint
+    stays FP8 (in the backend's format); without it, FP8 weights are dequantized to ``dtype``.
+
+    :param model_dir: holds ``config.json`` and the safetensors.
+    :param backend: the backend the model runs on.
+    :param dtype: activation and non-FP8 weight dtype.
+    :param quantize: ``None`` or ``"fp8"`` (quantize linear weights on load; needs an FP8 backend).
+    :param progress: show a progress line on stderr while reading tensors.
+    :raises ModelLoadError: see :func:`load_weights`; also ``quantize="fp8"`` on a backend without FP8.
+    :raises hal.model.config.ConfigError: a ``config.json`` the model cannot run with.
+    """
+    from hal.model.deepseek import DeepseekModel  # the model module is heavier than the loader needs
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelLoadError(f"{root}: no such model directory")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"load_model: quantize: expected one of {list(QUANTIZE_CHOICES)}, got {quantize!r}")
+    cfg = ModelConfig.from_file(root / "config.json")
+    caps = backend.capabilities
+    fp8 = caps.fp8_dtype
+    if quantize == "fp8" and fp8 is None:
+        raise ModelLoadError(
+            f"{root}: quantize='fp8' needs FP8 arithmetic, which backend {backend.name!r} ({caps.arch}) lacks; "
+            "load without quantize, or choose a backend with FP8"
+        )
+    weights = load_weights(
+        root,
+        cfg,
+        dtype=dtype,
+        quantize=quantize,
+        fp8_dtype=fp8 if fp8 is not None else torch.float8_e4m3fn,
+        dequantize_fp8=fp8 is None,
+        progress=progress,
+    )
+    return DeepseekModel(cfg, backend, weights, dtype=dtype)
+
+
+def save_fp8_checkpoint(weights: Mapping[str, Weight], cfg_dict: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write a DeepSeek-format FP8 checkpoint: ``config.json`` and one ``model.safetensors``.
+
+    Every linear weight whose K is a multiple of 128 is stored as float8_e4m3fn ``X.weight`` with a
+    float32 ``X.weight_scale_inv [ceil(N / 128), ceil(K / 128)]`` (plain tensors are quantized with
+    :func:`hal.quant.quantize_fp8_blocks`; :class:`~hal.model.weights.Fp8Weight` s are written as
+    they are, e4m3fnuz converted to e4m3fn); every other tensor is written as given.
+    ``config.json`` is ``cfg_dict`` plus DeepSeek-V3's ``quantization_config``.
+
+    :returns: ``out_dir`` as a :class:`~pathlib.Path`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        if isinstance(w, Fp8Weight):
+            q, s = _to_fp8_format(w.q, w.scale, torch.float8_e4m3fn)
+        elif is_linear(name) and w.shape[-1] % FP8_BLOCK == 0:
+            q, s = quantize_fp8_blocks(w.detach().float(), block=FP8_BLOCK, fp8_dtype=torch.float8_e4m3fn)
+        else:
+            tensors[name] = w.detach().cpu().contiguous()
+            continue
+        tensors[name] = q.cpu().contiguous()
+        tensors[name + _SCALE_SUFFIX] = s.float().cpu().contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = dict(cfg_dict)
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding and opening the files
+# ---------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_files(root: Path) -> dict[Path, set[str] | None]:
+    """The safetensors files to read, each with the keys the index places in it (``None``: no index)."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index}: not a safetensors index with a 'weight_map' ({exc!r})") from None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index}: 'weight_map' must map keys to file names")
+        shards: dict[Path, set[str]] = {}
+        for key, shard in weight_map.items():
+            shards.setdefault(root / str(shard), set()).add(key)
+        absent = sorted(p.name for p in shards if not p.is_file())
+        if absent:
+            raise ModelLoadError(f"{index}: {len(absent)} shard file(s) it names are missing: {_listing(absent)}")
+        return dict(shards)
+    single = root / "model.safetensors"
+    if single.is_file():
+        return {single: None}
+    found = sorted(root.glob("*.safetensors"))
+    if found:
+        return dict.fromkeys(found)
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ModelLoadError(
+            f"{root}: no *.safetensors files; found {_listing(pickles, limit=5)}. HAL loads safetensors only: "
+            ".bin/.pt pickles are not loaded since they can run code (convert them to safetensors first)"
+        )
+    raise ModelLoadError(f"{root}: no *.safetensors files (is this a Hugging Face model directory?)")
+
+
+def _open(stack: ExitStack, path: Path) -> Any:
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def _get(handle: Any, path: Path, key: str) -> torch.Tensor:
+    try:
+        t: torch.Tensor = handle.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{path}: {key}: could not be read (truncated or corrupt file?): {exc}") from None
+    return t
+
+
+def _read_headers(root: Path, handles: Mapping[Path, Any], files: Mapping[Path, set[str] | None]) -> dict[str, _Entry]:
+    """Every tensor's file, shape and dtype, from the headers alone (no data is read)."""
+    entries: dict[str, _Entry] = {}
+    duplicates: list[str] = []
+    not_in_shard: list[str] = []
+    for path, handle in handles.items():
+        try:
+            keys = list(handle.keys())
+            for key in keys:
+                sl = handle.get_slice(key)
+                entry = _Entry(path, tuple(int(d) for d in sl.get_shape()), str(sl.get_dtype()))
+                if key in entries:
+                    duplicates.append(f"{key} ({entries[key].path.name} and {path.name})")
+                entries[key] = entry
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{path}: bad safetensors header: {exc}") from None
+        indexed = files[path]
+        if indexed is not None:
+            have = set(keys)
+            not_in_shard += [f"{k} (index says {path.name})" for k in sorted(indexed - have)]
+    if duplicates:
+        raise ModelLoadError(f"{root}: keys stored in two files: {_listing(duplicates)}")
+    if not_in_shard:
+        raise ModelLoadError(
+            f"{root / 'model.safetensors.index.json'}: keys missing from the shard the index names: "
+            f"{_listing(not_in_shard)}"
+        )
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking the headers against the config
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_entries(
+    root: Path, cfg: ModelConfig, expected: Mapping[str, tuple[int, ...]], entries: Mapping[str, _Entry]
+) -> dict[str, str]:
+    """Raise one :class:`ModelLoadError` listing every problem; return FP8 weight name → scale key."""
+    present: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    scale_keys: list[str] = []
+    mtp_layers: set[int] = set()
+    mtp_tensors = 0
+    for key, entry in entries.items():
+        m = _LAYER.match(key)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            mtp_layers.add(int(m.group(1)))
+            mtp_tensors += 1
+        elif key.endswith(".weight" + _SCALE_SUFFIX):
+            scale_keys.append(key)
+        elif key in expected:
+            # Shape-only stand-ins let checked_shapes compare the headers without reading any data.
+            present[key] = torch.empty(entry.shape, device="meta")
+        else:
+            unexpected.append(key)
+    if mtp_tensors:
+        layers = ", ".join(str(i) for i in sorted(mtp_layers))
+        log.info(
+            "skipped %d tensors of %d multi-token-prediction layer(s) (model.layers.%s): HAL does not run MTP",
+            mtp_tensors,
+            len(mtp_layers),
+            layers,
+        )
+
+    problems: list[str] = []
+    missing, _, mismatched = checked_shapes(cfg, present)
+    scales: dict[str, str] = {}
+    for key in scale_keys:
+        base = key[: -len(_SCALE_SUFFIX)]
+        if base not in present or not entries[base].is_fp8:
+            unexpected.append(key)  # a scale with no FP8 weight of this model beside it
+            continue
+        scales[base] = key
+    for name in present:
+        entry = entries[name]
+        if not entry.is_fp8:
+            continue
+        if not is_linear(name):
+            problems.append(f"{name}: stored as {entry.dtype}, but only linear weights may be FP8 ({entry.path.name})")
+        elif name not in scales:
+            problems.append(f"{name}: FP8 weight without its {name + _SCALE_SUFFIX} ({entry.path.name})")
+        elif len(entry.shape) == 2:
+            n, k = entry.shape
+            want = (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+            got = entries[scales[name]].shape
+            if got != want:
+                problems.append(
+                    f"{scales[name]}: expected {list(want)} (128x128 blocks of {list(entry.shape)}), got {list(got)}"
+                )
+    if missing:
+        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected (not part of this config's model): {_listing(sorted(unexpected))}"
+        )
+    if mismatched:
+        problems.append(f"{len(mismatched)} with the wrong shape:\n    " + "\n    ".join(mismatched))
+    if problems:
+        raise ModelLoadError(
+            f"{root}: the checkpoint does not match config.json "
+            f"({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}):\n  " + "\n  ".join(problems)
+        )
+    return scales
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fp8(
+    handles: Mapping[Path, Any],
+    entries: Mapping[str, _Entry],
+    name: str,
+    scale_key: str,
+    q: torch.Tensor,
+    dtype: torch.dtype,
+    fp8_dtype: torch.dtype,
+    dequantize: bool,
+) -> Weight:
+    path = entries[name].path
+    if q.dtype not in _FP8_DTYPES:
+        raise ModelLoadError(f"{path}: {name}: FP8 weights must be float8_e4m3fn or float8_e4m3fnuz, got {q.dtype}")
+    scale_path = entries[scale_key].path
+    s = _get(handles[scale_path], scale_path, scale_key)
+    if not s.is_floating_point() or s.dtype in _FP8_DTYPES:
+        raise ModelLoadError(f"{scale_path}: {scale_key}: expected a float32 scale, got {s.dtype}")
+    s = s.float()
+    if dequantize:
+        return dequantize_fp8_blocks(q, s, block=FP8_BLOCK).to(dtype)
+    q, s = _to_fp8_format(q, s, fp8_dtype)
+    return Fp8Weight(q, s)
+
+
+def _to_fp8_format(q: torch.Tensor, s: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same block-scaled values with the data in the ``target`` E4M3 format.
+
+    e4m3fn → e4m3fnuz is exact: e4m3fnuz's exponent bias is one larger, so the same bits are worth half
+    as much; the bits are kept and the scale doubled. The one pattern that differs in meaning, 0x80
+    (-0 in e4m3fn, NaN in e4m3fnuz), becomes +0. The other way the bits cannot be kept (0x7F is
+    e4m3fnuz's 240 but e4m3fn's NaN), so values are converted with the scale unchanged: every e4m3fnuz
+    value is an e4m3fn value except the smallest subnormal (2^-10), which rounds.
+    """
+    if q.dtype == target:
+        return q, s
+    if target == torch.float8_e4m3fnuz:
+        bits = q.view(torch.uint8)
+        bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+        return bits.view(target), s * 2.0
+    return q.float().to(target), s
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _listing(items: list[str], limit: int = _LIST_LIMIT) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
