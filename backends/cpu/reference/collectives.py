@@ -8,6 +8,9 @@ These are the fallback of every backend, so they use only what every torch.distr
   result back: bit-exact and valid on every transport. Reductions of fp8 are refused by the catalogue.
 - ``ReduceOp.AVG`` is missing from gloo in older torch versions, and gloo's (torch 2.13) fails on
   integer tensors, so ``"avg"`` is a SUM followed by a division by the group's size.
+- gloo's ``reduce_scatter_tensor`` before torch 2.9 ignores ``op`` and always sums (its all-reduce
+  is called without the options); on gloo, ``"max"`` and ``"min"`` therefore go through an explicit
+  all-reduce of a copy and take this rank's chunk, which is what gloo does internally anyway.
 - Transports need contiguous buffers; a non-contiguous in-place argument is reduced or received in a
   contiguous copy that is copied back into it.
 
@@ -81,6 +84,10 @@ def reduce_scatter(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> to
     (twice the traffic of a true reduce-scatter); that is fine for the CPU and for tests.
     """
     world = dist.get_world_size(group)
+    if op in ("max", "min") and dist.get_backend(group) == "gloo":
+        full = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(full, op=_reduce_op(op), group=group)
+        return full.chunk(world)[dist.get_rank(group)].clone()
     out = torch.empty((t.shape[0] // world, *t.shape[1:]), dtype=t.dtype, device=t.device)
     _reduce_scatter_tensor(out, t.contiguous(), op=_reduce_op(op), group=group)
     _finish_avg(out, op, group)

@@ -1,0 +1,125 @@
+"""ModelConfig: reading DeepSeek's and transformers' config.json, and naming what is unsupported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hal.model.config import ConfigError, ModelConfig, tiny_config
+from hal.model.rope import cos_sin_cache, inv_freq_and_factor
+
+BASE: dict[str, Any] = tiny_config().to_dict()
+RAW: dict[str, Any] = {
+    "model_type": "deepseek_v3",
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "max_position_embeddings": 256,
+    "eos_token_id": 1,
+}
+YARN = {
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"num_key_value_heads": 2}, "num_key_value_heads"),
+        ({"model_type": "llama"}, "model_type"),
+        ({"scoring_func": "relu"}, "scoring_func"),
+        ({"topk_method": "magic"}, "topk_method"),
+        ({"n_group": 3}, "n_group"),
+        ({"topk_group": 3}, "topk_group"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+        ({"q_lora_rank": 0}, "q_lora_rank"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"eos_token_id": 500}, "eos_token_id"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "original_max_position_embeddings"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else v,
+)
+def test_unsupported_values_are_named(change: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        ModelConfig.from_dict({**RAW, **change})
+
+
+def test_rope_scaling_and_rope_parameters_read_the_same() -> None:
+    deepseek = ModelConfig.from_dict({**RAW, "rope_theta": 5000.0, "rope_scaling": {"type": "yarn", **YARN}})
+    hf5 = ModelConfig.from_dict({**RAW, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5000.0, **YARN}})
+    assert deepseek.rope == hf5.rope
+    assert deepseek.rope["rope_type"] == "yarn" and deepseek.rope["rope_theta"] == 5000.0
+
+
+def test_yarn_softmax_scale_and_tables_match_transformers() -> None:
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    ours = ModelConfig.from_dict({**RAW, "rope_scaling": {"type": "yarn", **YARN}})
+    hf = transformers.DeepseekV3Config(
+        **{k: v for k, v in RAW.items() if k != "model_type"}, rope_scaling={"rope_type": "yarn", **YARN}
+    )
+    inv, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    our_inv, our_factor = inv_freq_and_factor(ours)
+    torch.testing.assert_close(our_inv, inv, rtol=0, atol=0)
+    assert our_factor == pytest.approx(factor)
+    assert ours.softmax_scale == pytest.approx(yarn_apply_mscale(hf.rope_parameters, hf.qk_head_dim**-0.5))
+    assert ours.softmax_scale != pytest.approx(ours.qk_head_dim**-0.5)  # the correction is real here
+
+
+def test_cos_sin_cache_layout() -> None:
+    cfg = ModelConfig.from_dict(RAW)
+    table = cos_sin_cache(cfg, max_position=10)
+    inv, _ = inv_freq_and_factor(cfg)
+    assert table.shape == (10, cfg.qk_rope_head_dim) and table.dtype == torch.float32
+    torch.testing.assert_close(table[3, : cfg.qk_rope_head_dim // 2], torch.cos(3 * inv))
+    torch.testing.assert_close(table[3, cfg.qk_rope_head_dim // 2 :], torch.sin(3 * inv))
+
+
+def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(RAW))
+    assert ModelConfig.from_file(tmp_path / "config.json").eos_token_id == (1,)
+
+
+def test_null_eos_never_stops_and_lists_are_kept() -> None:
+    assert ModelConfig.from_dict({**RAW, "eos_token_id": None}).eos_token_id == ()
+    assert ModelConfig.from_dict({**RAW, "eos_token_id": [1, 2]}).eos_token_id == (1, 2)
+
+
+def test_tiny_config_covers_the_architecture() -> None:
+    cfg = tiny_config()
+    assert cfg.q_lora_rank is not None and cfg.n_group > 1 and cfg.rope["rope_type"] == "yarn"
+    assert not cfg.is_moe_layer(0) and cfg.is_moe_layer(1) and cfg.n_shared_experts == 1
+    assert cfg == ModelConfig.from_dict({**BASE, "rope_scaling": dict(BASE["rope"]), "eos_token_id": None})
