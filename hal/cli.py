@@ -8,6 +8,10 @@ capabilities and op table (op → implementation → why). ``--json`` prints the
 seeded random weights by default, or a Hugging Face model directory (``--model DIR``); it prints the
 generated ids (and text, with ``--prompt``), prefill and decode tokens/s and peak memory. Progress goes
 to stderr, so ``--json`` leaves stdout one JSON document.
+
+``hal bench`` benchmarks every compute op of a backend at a shape set against baselines and the
+device's peaks (:mod:`hal.bench`), prints a table, and writes JSON (``--json``) and a roofline plot
+(``--plot``); ``hal bench compare A.json B.json`` flags regressions between two runs (exit status 1).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import hal
-from hal.errors import HALError
+from hal.errors import BenchError, HALError
 from hal.registry import Registry
 
 if TYPE_CHECKING:
@@ -351,6 +355,71 @@ def format_run(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------------
+# hal bench
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hal.bench import (
+        default_shape_set,
+        format_table,
+        plot_roofline,
+        run_suite,
+        shape_set,
+        write_json,
+    )
+    from hal.bench.cases import check_ops
+
+    if args.bench_command == "compare":
+        return _cmd_bench_compare(args)
+    # Check every option before measuring anything (a full run takes minutes).
+    ops = check_ops(args.ops.split(",")) if args.ops is not None else None
+    if ops == []:
+        raise BenchError("--ops: no op named; give a comma-separated list such as gemm,mla_decode")
+    shapes = shape_set(args.shapes) if args.shapes is not None else None
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError(
+                "--plot needs matplotlib: pip install 'hal-accel[bench]' (or pip install matplotlib)"
+            ) from None
+    registry = hal.default_registry()
+    backend = registry.get_backend(args.backend)
+    reference = registry.reference_ops()
+    if shapes is None:
+        shapes = default_shape_set(backend.device.type)
+    run = run_suite(
+        backend,
+        reference,
+        shapes,
+        ops=ops,
+        quick=args.quick,
+        progress=not args.quiet,
+        command=" ".join(["hal", *(args.argv or [])]),
+        graphs=not args.no_graphs,
+    )
+    doc = run.as_dict()
+    print(format_table(doc))
+    if args.json is not None:
+        write_json(doc, args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot is not None:
+        plot_roofline(doc, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if run.errors else 0
+
+
+def _cmd_bench_compare(args: argparse.Namespace) -> int:
+    from hal.bench import compare, format_comparison, load_results
+
+    a, b = load_results(args.a), load_results(args.b)
+    result = compare(a, b, args.threshold)
+    print(format_comparison(result, Path(args.a).name, Path(args.b).name))
+    return 1 if result.regressions else 0
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -389,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="generate with the DeepSeek-V3 model (default: a tiny model with random weights) and print tokens/s",
         description="Generate tokens with the DeepSeek-V3 architecture on the selected backend and report prefill "
-        "and decode throughput and peak memory. Without --model it builds a built-in tiny config (about 3M "
+        "and decode throughput and peak memory. Without --model it builds a built-in tiny config (6.6M "
         "parameters) with weights drawn from --seed; without --prompt-ids or --prompt it generates from --batch "
         "seeded random prompts of 8 to 32 tokens. Prompts of different lengths run as one batch: one prefill, then "
         "one decode step per token; a sequence stops at an end-of-sequence id (config.json's eos_token_id; null "
@@ -473,12 +542,84 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="do not log progress to stderr")
     run.set_defaults(func=_cmd_run)
+
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    from hal.bench.cases import BASELINES, BENCH_OPS
+    from hal.bench.report import DEFAULT_THRESHOLD
+    from hal.bench.shapes import SHAPE_SETS
+
+    sets = "; ".join(f"{s.name}: {s.description}" for s in SHAPE_SETS.values())
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark every compute op against baselines and the device's peaks; compare two runs",
+        description="Benchmark the compute ops of a backend at a shape set. Each case runs the backend's op and, "
+        "side by side in the same run, its baselines (the reference implementation; F.linear, torch._scaled_mm, "
+        "torch._grouped_mm, torch.bmm, SDPA, F.rms_norm where they apply), reports the median time, TFLOPS "
+        "(GFLOP/s on a CPU) and GB/s by the published anchors' formulas, the percentage of the device's peak "
+        "(a peaks table for H100, H200, MI300X and Ascend 910B; a CPU's bandwidth and GEMM rate are measured at "
+        "start) and HAL's time divided by each baseline's. On CUDA devices kernels are timed with device "
+        "events and an L2 flush, and again captured in a CUDA graph. Progress goes to stderr.",
+        epilog="Ops: " + ", ".join(f"{op} (vs {', '.join(BASELINES[op])})" for op in BENCH_OPS) + ". "
+        "Collectives (all_reduce, all_to_all) need several processes and are not run here: "
+        "`pytest bench/collectives` measures them over a 2-process gloo group; `pytest bench` (make bench) runs "
+        "the same cases under pytest-benchmark, and bench/model the model's decode against transformers. "
+        "Examples: hal bench --quick · hal bench --ops gemm,mla_decode --json out.json --plot roofline.png · "
+        "hal bench compare before.json after.json",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a minute-scale smoke run: fewer shapes per op, shorter timing"
+    )
+    bench.add_argument(
+        "--shapes",
+        metavar="NAME",
+        help=f"the shape set (default: cpu-small on a CPU, deepseek-v3 on an accelerator). {sets}",
+    )
+    bench.add_argument(
+        "--backend", metavar="NAME", help="benchmark this backend (default: HAL_BACKEND, else the best available)"
+    )
+    bench.add_argument("--ops", metavar="A,B", help="only these ops, comma-separated (default: every op listed below)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON (schema hal-bench/1)")
+    bench.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw a roofline PNG: each case a point (FLOP/byte, achieved FLOP rate) under the device's "
+        "bandwidth and compute roofs (needs matplotlib: pip install 'hal-accel[bench]')",
+    )
+    bench.add_argument(
+        "--no-graphs", action="store_true", help="skip the CUDA-graph timing (CUDA devices; never done on a CPU)"
+    )
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    bench.set_defaults(func=_cmd_bench, bench_command=None)
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="compare")
+    cmp = bench_sub.add_parser(
+        "compare",
+        help="compare two hal bench --json runs; exit status 1 when a result regressed",
+        description="Match the results of two runs by (op, shape, dtype) and print B's median time over A's. A "
+        "result has regressed when B/A > 1 + max(threshold, spread), spread being the larger of its two measured "
+        "spreads (interquartile range / median): a difference within a run's own scatter is noise. Exit status: "
+        "0 without regression, 1 with one (or when a file cannot be read).",
+    )
+    cmp.add_argument("a", metavar="A.json", help="the baseline run (before)")
+    cmp.add_argument("b", metavar="B.json", help="the run to check (after)")
+    cmp.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        metavar="X",
+        help=f"relative slowdown tolerated beyond noise (default {DEFAULT_THRESHOLD}: above the run-to-run scatter "
+        "of a small CPU; 0.05 suits GPU event timings)",
+    )
+    cmp.set_defaults(func=_cmd_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command is None:
         parser.print_help()

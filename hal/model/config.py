@@ -233,7 +233,7 @@ def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
 def tiny_config(**overrides: Any) -> ModelConfig:
     """The built-in tiny config ``hal run`` uses without ``--model``: every feature of the architecture
     (q LoRA, YaRN, a dense layer then MoE layers with shared experts, group-limited routing) at a size
-    that generates quickly on a CPU (about 3M parameters)."""
+    that generates quickly on a CPU (6.6M parameters)."""
     raw: dict[str, Any] = {
         "model_type": "deepseek_v3",
         "vocab_size": 1024,

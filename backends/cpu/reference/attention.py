@@ -1,8 +1,10 @@
 """Reference attention: absorbed MLA decode over the paged latent cache, and varlen prefill.
 
-Both ops loop over sequences in Python, compute scores and softmax in fp32, and return q's dtype.
-They read ``block_table``, ``cache_seqlens`` and ``cu_seqlens_*`` on the host: a reference may
-synchronize, and a per-sequence loop is the plainest statement of the variable-length contract.
+Both compute scores and softmax in fp32 and return q's dtype. ``mla_decode`` gathers every
+sequence's pages into one zero-padded batch and masks it (decode runs once per token, so it must not
+loop in Python); ``attention_prefill`` loops over sequences, the plainest statement of the
+variable-length contract. They read ``cu_seqlens_*`` and lengths on the host: a reference may
+synchronize.
 Contracts: :func:`hal.ops.catalogue.mla_decode`, :func:`hal.ops.catalogue.attention_prefill`.
 """
 
@@ -18,11 +20,11 @@ def _masked_softmax_attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the visible keys, then the weighted sum of values.
 
-    :param scores: float32 [h, Lq, Lk], already scaled.
-    :param visible: bool [Lq, Lk] (broadcast over heads), True where a query may see a key.
-    :param v: float32 [h or 1, Lk, d_v].
-    :returns: ``(out float32 [h, Lq, d_v], lse float32 [h, Lq])``; a query that sees no key gets a zero
-        output and ``lse = -inf`` (a plain softmax would give NaN there).
+    :param scores: float32 [..., h, Lq, Lk], already scaled.
+    :param visible: bool, broadcastable to scores (e.g. [Lq, Lk]), True where a query may see a key.
+    :param v: float32 [..., h or 1, Lk, d_v].
+    :returns: ``(out float32 [..., h, Lq, d_v], lse float32 [..., h, Lq])``; a query that sees no key
+        gets a zero output and ``lse = -inf`` (a plain softmax would give NaN there).
     """
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with no visible key
@@ -55,31 +57,27 @@ def mla_decode(
     :returns: ``(out q's dtype [b, s_q, h, head_dim_v], lse float32 [b, h, s_q])``; zero output and
         ``lse = -inf`` for a query that sees no key.
     """
-    b, s_q, h, d = q.shape
+    b, s_q, _, d = q.shape
     block_size = kv_cache.shape[1]
     scale = d**-0.5 if softmax_scale is None else softmax_scale
-    out = torch.zeros(b, s_q, h, head_dim_v, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device)
-    seqlens = cache_seqlens.tolist()
-    tables = block_table.tolist()
-    rows = torch.arange(s_q, device=q.device).unsqueeze(1)  # [s_q, 1]
-    for s, seqlen in enumerate(seqlens):
-        if seqlen <= 0:
-            continue  # no key at all: zeros and -inf, as initialized
-        n_blocks = -(-seqlen // block_size)
-        blocks = torch.tensor(tables[s][:n_blocks], dtype=torch.long, device=q.device)
-        # Gather this sequence's pages in table order, then drop the tail of the last page.
-        keys = kv_cache.index_select(0, blocks).reshape(n_blocks * block_size, d)[:seqlen].float()  # [L, d]
-        qs = q[s].float().transpose(0, 1)  # [h, s_q, d]
-        scores = (qs @ keys.T) * scale  # [h, s_q, L]
-        cols = torch.arange(seqlen, device=q.device).unsqueeze(0)  # [1, L]
-        if causal:
-            visible = cols < seqlen - s_q + rows + 1
-        else:
-            visible = torch.ones(s_q, seqlen, dtype=torch.bool, device=q.device)
-        o, o_lse = _masked_softmax_attend(scores, visible, keys[:, :head_dim_v].unsqueeze(0))
-        out[s] = o.transpose(0, 1)
-        lse[s] = o_lse
+    seqlens = cache_seqlens.long()
+    max_len = max(int(seqlens.max()), 1) if b else 1
+    n_blocks = -(-max_len // block_size)
+    # One batch of padded keys: each sequence's pages in table order. Table entries past a sequence's
+    # length may hold anything (even invalid ids), so they are replaced by block 0 before gathering and
+    # the padded keys are zeroed: unused cache rows may hold garbage, and 0 * NaN would leak into the sum.
+    pos = torch.arange(n_blocks * block_size, device=q.device)  # [L]
+    valid = pos.unsqueeze(0) < seqlens.unsqueeze(1)  # [b, L]
+    used = valid[:, ::block_size]  # [b, n_blocks]: a block is used when its first row is
+    table = torch.where(used, block_table[:, :n_blocks].long(), 0)
+    keys = kv_cache[:, :, 0].index_select(0, table.reshape(-1)).reshape(b, n_blocks * block_size, d).float()
+    keys = keys.masked_fill(~valid.unsqueeze(-1), 0.0)  # [b, L, d]
+    scores = torch.einsum("bqhd,bld->bhql", q.float(), keys) * scale  # [b, h, s_q, L]
+    # Query i of s_q sees keys < seqlen - s_q + i + 1 (causal) or < seqlen.
+    limit = seqlens.view(b, 1) - (s_q - 1 - torch.arange(s_q, device=q.device)) * int(causal)  # [b, s_q]
+    visible = pos.view(1, 1, -1) < limit.unsqueeze(-1)  # [b, s_q, L]
+    o, lse = _masked_softmax_attend(scores, visible.unsqueeze(1), keys[..., :head_dim_v].unsqueeze(1))
+    out = o.transpose(1, 2)  # [b, s_q, h, d_v]
     return out.to(q.dtype), lse
 
 

@@ -85,12 +85,11 @@ def _contiguous(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dty
 
 def _masked(x: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Batched matmul of fp32 ``x [E, max_m, K]`` by fp32 ``w [E, N, K]``, valid rows only."""
-    out = x.new_zeros(x.shape[0], x.shape[1], w.shape[1])
-    # Rows past masked_m[e] are never read: they may hold garbage (even NaN) from the dispatch.
-    for e, rows in enumerate(masked_m.tolist()):
-        if rows > 0:
-            out[e, :rows] = F.linear(x[e, :rows], w[e])
-    return out.to(out_dtype)
+    # Rows past masked_m[e] may hold garbage (even NaN) from the dispatch: they are zeroed before the
+    # one batched matmul (each output row depends on its own input row only, but 0 * NaN is NaN).
+    invalid = torch.arange(x.shape[1], device=x.device) >= masked_m.to(x.device).unsqueeze(1)  # [E, max_m]
+    x = x.masked_fill(invalid.unsqueeze(-1), 0.0)
+    return torch.bmm(x, w.transpose(1, 2)).to(out_dtype)
 
 
 def grouped_gemm(
