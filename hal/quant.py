@@ -21,7 +21,16 @@ import torch
 from hal.errors import DTypeError, OpInputError, ShapeError
 from hal.ops import _validate as _v
 
-__all__ = ["AMAX_FLOOR", "dequantize_fp8_blocks", "dequantize_fp8_groups", "fp8_max", "quantize_fp8_blocks"]
+__all__ = [
+    "AMAX_FLOOR",
+    "INT8_MAX",
+    "dequantize_fp8_blocks",
+    "dequantize_fp8_groups",
+    "dequantize_int8_rows",
+    "fp8_max",
+    "quantize_fp8_blocks",
+    "quantize_int8_rows",
+]
 
 #: Lower bound on a group's or block's amax before it becomes a scale: an all-zero tile gets the
 #: scale ``AMAX_FLOOR / fp8_max`` instead of 0, so dequantization never divides by zero (DeepGEMM's
@@ -136,3 +145,45 @@ def dequantize_fp8_blocks(wq: torch.Tensor, ws: torch.Tensor, block: int = 128) 
     _v.same_device(op, (("wq", wq), ("ws", ws)))
     per_value = ws.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
     return wq.float() * per_value
+
+
+# ---------------------------------------------------------------------------------------------------
+# INT8, symmetric, one scale per row (W8A8: per-token activations, per-output-channel weights)
+# ---------------------------------------------------------------------------------------------------
+
+#: The largest code used: symmetric INT8 uses [-127, 127] so that negation is exact.
+INT8_MAX = 127
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 with one scale per row of the last dim: ``x ≈ q.float() * scale[..., None]``.
+
+    Used for weights ``[..., N, K]`` (a scale per output channel) and, by the reference, for
+    activations ``[M, K]`` (a scale per token). ``scale = max(|row|) / 127``, 1 for an all-zero row;
+    ``q = round(x / scale)`` (half to even), in [-127, 127].
+
+    :param x: a floating tensor ``[..., K]``.
+    :returns: ``(q int8 [..., K], scale float32 [...])``.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise OpInputError("quantize_int8_rows", "x", f"expected a floating tensor [..., K], got {_describe(x)}")
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 value of :func:`quantize_int8_rows`'s output: ``q [..., K] * scale [...]``."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise OpInputError("dequantize_int8_rows", "q", f"expected an int8 tensor, got {_describe(q)}")
+    if not isinstance(scale, torch.Tensor) or list(scale.shape) != list(q.shape[:-1]):
+        raise OpInputError(
+            "dequantize_int8_rows", "scale", f"expected float32 {list(q.shape[:-1])}, got {_describe(scale)}"
+        )
+    return q.float() * scale.float().unsqueeze(-1)
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -26,7 +26,7 @@ from hal.errors import HALError
 from hal.kvcache import PagedKVCache
 from hal.model.config import ModelConfig
 from hal.model.rope import cos_sin_cache
-from hal.model.weights import Fp8Weight, Weight, checked_shapes, weight_nbytes
+from hal.model.weights import Fp8Weight, Int8Weight, Weight, checked_shapes, weight_nbytes
 from hal.ops.catalogue import BLOCK
 
 __all__ = ["DeepseekModel", "ModelError"]
@@ -125,8 +125,8 @@ class DeepseekModel:
 
     def _dense(self, name: str) -> torch.Tensor:
         w = self._w[name]
-        if isinstance(w, Fp8Weight):
-            raise ModelError(f"{name}: expected a plain tensor, got an FP8 weight")
+        if not isinstance(w, torch.Tensor):
+            raise ModelError(f"{name}: expected a plain tensor, got a quantized weight ({type(w).__name__})")
         return w.to(device=self.device, dtype=self.dtype)
 
     def _linear(self, name: str) -> Weight:
@@ -139,14 +139,18 @@ class DeepseekModel:
             from hal.quant import dequantize_fp8_blocks
 
             return dequantize_fp8_blocks(w.q, w.scale).to(device=self.device, dtype=self.dtype)
+        if isinstance(w, Int8Weight):
+            return Int8Weight(w.q.to(self.device), w.scale.to(device=self.device, dtype=torch.float32))
         return w.to(device=self.device, dtype=self.dtype)
 
     def _float(self, w: Weight) -> torch.Tensor:
-        """The fp32 value of a weight (FP8 dequantized): for the absorbed MLA projections."""
-        if isinstance(w, Fp8Weight):
-            from hal.quant import dequantize_fp8_blocks
+        """The fp32 value of a weight (FP8 or INT8 dequantized): for the absorbed MLA projections."""
+        from hal.quant import dequantize_fp8_blocks, dequantize_int8_rows
 
+        if isinstance(w, Fp8Weight):
             return dequantize_fp8_blocks(w.q, w.scale)
+        if isinstance(w, Int8Weight):
+            return dequantize_int8_rows(w.q, w.scale)
         return w.float()
 
     def _stack(self, ws: Sequence[Weight], dim: int) -> Weight:
@@ -158,6 +162,9 @@ class DeepseekModel:
             rows_aligned = dim < 0 or all(w.q.shape[-2] % BLOCK == 0 for w in fp8)
             if rows_aligned:  # block scales concatenate only along whole 128-row blocks
                 return Fp8Weight(join([w.q for w in fp8], axis), join([w.scale for w in fp8], axis))
+        if all(isinstance(w, Int8Weight) for w in ws):
+            int8 = [w for w in ws if isinstance(w, Int8Weight)]  # per-row scales join like the rows
+            return Int8Weight(join([w.q for w in int8], axis), join([w.scale for w in int8], axis))
         plain = [w if isinstance(w, torch.Tensor) else self._float(w).to(self.dtype) for w in ws]
         return join(plain, axis)
 
@@ -340,6 +347,9 @@ class DeepseekModel:
         if isinstance(w, Fp8Weight):
             xq, xs = be.quantize_fp8(x, fp8_dtype=w.q.dtype)
             return be.gemm_fp8(xq, xs, w.q, w.scale, out_dtype=x.dtype)
+        if isinstance(w, Int8Weight):
+            xq, xs = be.quantize_int8(x)
+            return be.gemm_int8(xq, xs, w.q, w.scale, out_dtype=x.dtype)
         return be.gemm(x, w)
 
     def _grouped(self, x: torch.Tensor, w: Weight, offsets: torch.Tensor) -> torch.Tensor:
@@ -347,6 +357,9 @@ class DeepseekModel:
         if isinstance(w, Fp8Weight):
             xq, xs = be.quantize_fp8(x, fp8_dtype=w.q.dtype)
             return be.grouped_gemm_fp8(xq, xs, w.q, w.scale, offsets, out_dtype=x.dtype)
+        if isinstance(w, Int8Weight):
+            xq, xs = be.quantize_int8(x)
+            return be.grouped_gemm_int8(xq, xs, w.q, w.scale, offsets, out_dtype=x.dtype)
         return be.grouped_gemm(x, w, offsets)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -32,21 +32,60 @@ from safetensors.torch import save_file
 
 from hal.errors import HALError
 from hal.model.config import ModelConfig
-from hal.model.weights import Fp8Weight, Weight, checked_shapes, expected_shapes, is_linear
+from hal.model.weights import Fp8Weight, Int8Weight, Weight, checked_shapes, expected_shapes, is_linear
 from hal.progress import Progress
-from hal.quant import dequantize_fp8_blocks, quantize_fp8_blocks
+from hal.quant import dequantize_fp8_blocks, dequantize_int8_rows, quantize_fp8_blocks, quantize_int8_rows
 
 if TYPE_CHECKING:
     from hal.backend import Backend
     from hal.model.deepseek import DeepseekModel
+    from hal.types import Capabilities
 
-__all__ = ["ModelLoadError", "load_model", "load_weights", "save_fp8_checkpoint"]
+__all__ = [
+    "ModelLoadError",
+    "fp8_checkpoint_policy",
+    "load_model",
+    "load_weights",
+    "quantize_linear",
+    "save_fp8_checkpoint",
+]
 
 log = logging.getLogger("hal")
 
 #: Edge of the square tiles DeepSeek's FP8 checkpoints scale by (``weight_block_size`` [128, 128]).
 FP8_BLOCK = 128
-QUANTIZE_CHOICES = (None, "fp8")
+QUANTIZE_CHOICES = (None, "fp8", "int8")
+
+
+def quantize_linear(t: torch.Tensor, mode: str, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> Weight | None:
+    """A linear weight ``[..., N, K]`` quantized at load, or ``None`` where ``mode`` cannot serve it.
+
+    ``"fp8"``: DeepSeek's format (``fp8_dtype`` data, one fp32 scale per 128×128 block), only when K is a
+    multiple of 128, which block-scaled FP8 GEMMs need. ``"int8"``: W8A8 (int8 data, one fp32 scale per
+    output channel), any K.
+    """
+    if mode == "fp8":
+        if t.shape[-1] % FP8_BLOCK:
+            return None
+        return Fp8Weight(*quantize_fp8_blocks(t.float(), block=FP8_BLOCK, fp8_dtype=fp8_dtype))
+    if mode == "int8":
+        return Int8Weight(*quantize_int8_rows(t.float()))
+    raise ValueError(f"quantize: expected one of {list(QUANTIZE_CHOICES[1:])}, got {mode!r}")
+
+
+def fp8_checkpoint_policy(caps: Capabilities, *, dequantize: bool = False) -> str:
+    """What an FP8 checkpoint's linear weights become on a device with ``caps``.
+
+    ``"fp8"`` (kept, in the device's E4M3 format) where the device has FP8 arithmetic; else ``"int8"``
+    (converted to W8A8 from their exact fp32 values, as vllm-ascend runs DeepSeek FP8 checkpoints on
+    Atlas A2/A3) where it has INT8 and ``dequantize`` is not asked; else ``"dequantize"`` (to the model's
+    dtype).
+    """
+    if caps.fp8_format is not None:
+        return "fp8"
+    return "int8" if caps.int8 and not dequantize else "dequantize"
+
+
 _SCALE_SUFFIX = "_scale_inv"  # "X.weight" + this = "X.weight_scale_inv"
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -84,6 +123,7 @@ def load_weights(
     quantize: str | None = None,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     dequantize_fp8: bool = False,
+    fp8_to_int8: bool = False,
     progress: bool = True,
 ) -> dict[str, Weight]:
     """Read every weight of ``cfg`` from the safetensors of ``model_dir``, checked and converted.
@@ -99,6 +139,8 @@ def load_weights(
         (a checkpoint's FP8 data in the other format is converted, scales adjusted).
     :param dequantize_fp8: return an FP8 checkpoint's linear weights dequantized to ``dtype`` (for a
         backend without FP8) instead of as ``Fp8Weight``.
+    :param fp8_to_int8: return them as W8A8 ``Int8Weight`` instead, converted from their exact fp32
+        values (for a backend with INT8 but no FP8).
     :param progress: show a progress line on stderr while reading tensors.
     :returns: checkpoint-named weights, in :func:`~hal.model.weights.expected_shapes` order, on the CPU.
     :raises ModelLoadError: missing directory or files, corrupt files, missing, unexpected or mis-shaped
@@ -108,7 +150,9 @@ def load_weights(
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"load_weights: quantize: expected one of {list(QUANTIZE_CHOICES)}, got {quantize!r}")
     if quantize is not None and dequantize_fp8:
-        raise ValueError("load_weights: quantize='fp8' and dequantize_fp8=True contradict each other")
+        raise ValueError(f"load_weights: quantize={quantize!r} and dequantize_fp8=True contradict each other")
+    if dequantize_fp8 and fp8_to_int8:
+        raise ValueError("load_weights: dequantize_fp8 and fp8_to_int8 are alternatives; choose one")
     if fp8_dtype not in _FP8_DTYPES:
         raise ValueError(f"load_weights: fp8_dtype: expected float8_e4m3fn | float8_e4m3fnuz, got {fp8_dtype}")
     if not dtype.is_floating_point or dtype in _FP8_DTYPES:
@@ -131,17 +175,20 @@ def load_weights(
                 entry = entries[name]
                 t = _get(handles[entry.path], entry.path, name)
                 if entry.is_fp8:
-                    weights[name] = _fp8(handles, entries, name, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
+                    w = _fp8(handles, entries, name, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
+                    if fp8_to_int8 and isinstance(w, Fp8Weight):
+                        w = Int8Weight(*quantize_int8_rows(dequantize_fp8_blocks(w.q, w.scale, block=FP8_BLOCK)))
+                    weights[name] = w
                 elif not t.is_floating_point():
                     raise ModelLoadError(f"{entry.path}: {name}: expected a floating tensor, got {t.dtype}")
                 elif name.endswith("e_score_correction_bias"):
                     # The routing bias decides top-k ties between close scores: it is float32 in every
                     # DeepSeek checkpoint and the model routes in float32.
                     weights[name] = t.float()
-                elif quantize == "fp8" and is_linear(name):
-                    if t.shape[-1] % FP8_BLOCK == 0:
-                        q, s = quantize_fp8_blocks(t.float(), block=FP8_BLOCK, fp8_dtype=fp8_dtype)
-                        weights[name] = Fp8Weight(q, s)
+                elif quantize is not None and is_linear(name):
+                    quantized = quantize_linear(t, quantize, fp8_dtype)
+                    if quantized is not None:
+                        weights[name] = quantized
                         n_quantized += 1
                     else:
                         weights[name] = t.to(dtype)
@@ -150,6 +197,8 @@ def load_weights(
                     weights[name] = t.to(dtype)
                 bar.update()
 
+    if quantize == "int8":
+        log.info("quantized %d linear weights to W8A8 INT8 (one scale per output channel)", n_quantized)
     if quantize == "fp8":
         log.info("quantized %d linear weights to FP8 (%s, 128x128 blocks)", n_quantized, _dtype_name(fp8_dtype))
         if unquantized:
@@ -170,17 +219,22 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     quantize: str | None = None,
+    dequantize_fp8: bool = False,
     progress: bool = True,
 ) -> DeepseekModel:
     """Build a :class:`~hal.model.deepseek.DeepseekModel` from a Hugging Face model directory.
 
-    FP8 handling follows ``backend.capabilities.fp8_format``: with FP8 arithmetic, an FP8 checkpoint
-    stays FP8 (in the backend's format); without it, FP8 weights are dequantized to ``dtype``.
+    An FP8 checkpoint's linear weights follow :func:`fp8_checkpoint_policy`: kept FP8 (in the backend's
+    format) with FP8 arithmetic; else converted to W8A8 INT8 with INT8 arithmetic (``dequantize_fp8``
+    asks for ``dtype`` weights instead); else dequantized to ``dtype``.
 
     :param model_dir: holds ``config.json`` and the safetensors.
     :param backend: the backend the model runs on.
     :param dtype: activation and non-FP8 weight dtype.
-    :param quantize: ``None`` or ``"fp8"`` (quantize linear weights on load; needs an FP8 backend).
+    :param quantize: ``None``, ``"fp8"`` or ``"int8"``: quantize a bf16/fp32 checkpoint's linear weights
+        on load (FP8 needs a backend with FP8 arithmetic, INT8 one with INT8).
+    :param dequantize_fp8: on a backend without FP8, load an FP8 checkpoint as ``dtype`` weights rather
+        than as W8A8 INT8.
     :param progress: show a progress line on stderr while reading tensors.
     :raises ModelLoadError: see :func:`load_weights`; also ``quantize="fp8"`` on a backend without FP8.
     :raises hal.model.config.ConfigError: a ``config.json`` the model cannot run with.
@@ -200,13 +254,26 @@ def load_model(
             f"{root}: quantize='fp8' needs FP8 arithmetic, which backend {backend.name!r} ({caps.arch}) lacks; "
             "load without quantize, or choose a backend with FP8"
         )
+    if quantize == "int8" and not caps.int8:
+        raise ModelLoadError(
+            f"{root}: quantize='int8' needs INT8 arithmetic, which backend {backend.name!r} ({caps.arch}) lacks"
+        )
+    policy = fp8_checkpoint_policy(caps, dequantize=dequantize_fp8)
+    if policy != "fp8" and _has_fp8_weights(root):
+        log.info(
+            "%s: FP8 checkpoint on backend %r (no FP8 arithmetic): linear weights %s",
+            root,
+            backend.name,
+            "converted to W8A8 INT8" if policy == "int8" else f"dequantized to {_dtype_name(dtype)}",
+        )
     weights = load_weights(
         root,
         cfg,
         dtype=dtype,
         quantize=quantize,
         fp8_dtype=fp8 if fp8 is not None else torch.float8_e4m3fn,
-        dequantize_fp8=fp8 is None,
+        dequantize_fp8=policy == "dequantize",
+        fp8_to_int8=policy == "int8",
         progress=progress,
     )
     return DeepseekModel(cfg, backend, weights, dtype=dtype)
@@ -227,6 +294,8 @@ def save_fp8_checkpoint(weights: Mapping[str, Weight], cfg_dict: Mapping[str, An
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
+        if isinstance(w, Int8Weight):
+            w = dequantize_int8_rows(w.q, w.scale)
         if isinstance(w, Fp8Weight):
             q, s = _to_fp8_format(w.q, w.scale, torch.float8_e4m3fn)
         elif is_linear(name) and w.shape[-1] % FP8_BLOCK == 0:
@@ -433,6 +502,15 @@ def _fp8(
         return dequantize_fp8_blocks(q, s, block=FP8_BLOCK).to(dtype)
     q, s = _to_fp8_format(q, s, fp8_dtype)
     return Fp8Weight(q, s)
+
+
+def _has_fp8_weights(root: Path) -> bool:
+    """Whether ``config.json`` declares DeepSeek's FP8 quantization (what the log line is about)."""
+    try:
+        raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (raw.get("quantization_config") or {}).get("quant_method") == "fp8"
 
 
 def _to_fp8_format(q: torch.Tensor, s: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,10 @@
 
 Weights travel between the loader and the model as a flat dict keyed by the checkpoint's own names
 (``model.layers.3.self_attn.q_a_proj.weight``), so a missing or unexpected key is reported by the name a
-user finds in their files. A linear weight is either a plain tensor ``[N, K]`` or an :class:`Fp8Weight`
-(DeepSeek's format: float8_e4m3fn data with one fp32 scale per 128×128 block).
+user finds in their files. A linear weight is a plain tensor ``[N, K]``, an :class:`Fp8Weight`
+(DeepSeek's format: float8_e4m3fn data with one fp32 scale per 128×128 block) or an
+:class:`Int8Weight` (W8A8: int8 data with one fp32 scale per output channel, for devices with INT8
+but no FP8 arithmetic).
 """
 
 from __future__ import annotations
@@ -47,7 +49,27 @@ class Fp8Weight:
         return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
 
 
-Weight = Union[torch.Tensor, Fp8Weight]  # noqa: UP007  (a runtime alias; `|` on a class and a dataclass works only from 3.10 in annotations)
+@dataclass(frozen=True)
+class Int8Weight:
+    """A linear weight in W8A8 INT8 form: ``dequantized = q * scale[..., None]`` per output channel.
+
+    :ivar q: int8 ``[..., N, K]`` in [-127, 127].
+    :ivar scale: float32 ``[..., N]``.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+Weight = Union[torch.Tensor, Fp8Weight, Int8Weight]  # noqa: UP007  (a runtime alias; `|` on a class and a dataclass works only from 3.10 in annotations)
 
 _LINEAR_SUFFIXES = (
     "q_proj.weight",
@@ -69,7 +91,7 @@ def is_linear(name: str) -> bool:
 
 
 def weight_nbytes(w: Weight) -> int:
-    return w.nbytes if isinstance(w, Fp8Weight) else w.numel() * w.element_size()
+    return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

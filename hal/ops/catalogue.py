@@ -400,6 +400,96 @@ def grouped_gemm_fp8_masked(
 
 
 # ===================================================================================================
+# INT8 W8A8 (for devices with int8 but no fp8 arithmetic, e.g. Ascend 910B/910C)
+# ===================================================================================================
+
+
+@_op("compute")
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric dynamic INT8 quantization (W8A8's activation side).
+
+    Each row's scale is ``max(|row|) / 127`` (1 for an all-zero row, which quantizes to zeros) and its
+    values ``round(x / scale)`` (round half to even), so ``x ≈ xq.float() * scale[:, None]``.
+
+    :param x: float32 | bfloat16 | float16 [M, K].
+    :returns: ``(xq, scales)``: xq int8 [M, K] in [-127, 127], scales float32 [M].
+    """
+    _v.rank("quantize_int8", "x", x, 2, "[M, K]")
+    _v.dtype("quantize_int8", "x", x, _v.FLOATS)
+    return _impl(x)
+
+
+def _check_int8_operands(
+    op: str, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, experts: bool
+) -> None:
+    w_layout, s_layout = ("[E, N, K]", "[E, N]") if experts else ("[N, K]", "[N]")
+    _v.rank(op, "xq", xq, 2, "[M, K]")
+    _v.rank(op, "xs", xs, 1, "[M]")
+    _v.rank(op, "wq", wq, 3 if experts else 2, w_layout)
+    _v.rank(op, "ws", ws, 2 if experts else 1, s_layout)
+    for name, t, want in (
+        ("xq", xq, torch.int8),
+        ("wq", wq, torch.int8),
+        ("xs", xs, torch.float32),
+        ("ws", ws, torch.float32),
+    ):
+        _v.dtype(op, name, t, (want,))
+    _v.size(op, "xs", xs, 0, xq.shape[0], "M of xq")
+    _v.size(op, "wq", wq, -1, xq.shape[1], "K of xq")
+    _v.shape(op, "ws", ws, list(wq.shape[:-1]), f"{s_layout} (one fp32 scale per output channel of wq)")
+    _v.same_device(op, (("xq", xq), ("xs", xs), ("wq", wq), ("ws", ws)))
+
+
+@_op("compute")
+def gemm_int8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8 matmul: ``(xq @ wq.T)`` accumulated exactly in int32, times ``xs[:, None] * ws[None, :]``.
+
+    :param xq: int8 [M, K] (from ``quantize_int8``).
+    :param xs: float32 [M], per-token activation scales.
+    :param wq: int8 [N, K].
+    :param ws: float32 [N], per-output-channel weight scales (``w ≈ wq * ws[:, None]``).
+    :param out_dtype: bfloat16 (default) | float32 | float16.
+    :returns: [M, N] of ``out_dtype``.
+    """
+    _check_int8_operands("gemm_int8", xq, xs, wq, ws, experts=False)
+    _v.out_dtype("gemm_int8", out_dtype, _v.FLOATS)
+    return _impl(xq, xs, wq, ws, out_dtype=out_dtype)
+
+
+@_op("compute")
+def grouped_gemm_int8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8 MoE expert GEMM, contiguous layout (``gemm_int8`` per expert's rows).
+
+    :param xq: int8 [M, K], rows grouped by expert.
+    :param xs: float32 [M].
+    :param wq: int8 [E, N, K].
+    :param ws: float32 [E, N].
+    :param offsets: int32 | int64 [E + 1], as in ``grouped_gemm``.
+    :param out_dtype: bfloat16 (default) | float32 | float16.
+    :returns: [M, N]; padding rows (at and past ``offsets[E]``) are zero.
+    """
+    _check_int8_operands("grouped_gemm_int8", xq, xs, wq, ws, experts=True)
+    _check_offsets("grouped_gemm_int8", xq, wq, offsets)
+    _v.out_dtype("grouped_gemm_int8", out_dtype, _v.FLOATS)
+    return _impl(xq, xs, wq, ws, offsets, out_dtype=out_dtype)
+
+
+# ===================================================================================================
 # Attention
 # ===================================================================================================
 

@@ -56,6 +56,7 @@ class Case:
     :param dtype: the float dtype the case computes in (filtered by the backend's ``dtypes``).
     :param fp8: the fp8 dtype the case needs (filtered by the backend's ``fp8_format``), or ``None``.
     :param compare: a custom comparison ``(out, ref, args) -> None`` raising ConformanceFailure.
+    :param int8: the case needs INT8 arithmetic (filtered by the backend's ``int8``).
     """
 
     op: str
@@ -64,6 +65,7 @@ class Case:
     dtype: torch.dtype
     fp8: torch.dtype | None = None
     compare: Callable[[Any, Any, Args], None] | None = field(default=None, compare=False)
+    int8: bool = False
 
     def __str__(self) -> str:
         return f"{self.op}[{self.id}]"
@@ -271,6 +273,62 @@ def _grouped_cases() -> Iterable[Case]:
         yield Case("grouped_gemm_fp8_masked", f"E3-MAXM8-N200-K256-{_dt(f8)}", make_fp8_masked, torch.bfloat16, f8)
 
 
+def _compare_quantize_int8(out: Any, ref: Any, args: Args) -> None:
+    (xq, xs), (rq, rs) = out, ref
+    x = args[0][0].float()
+    assert_close(xs, rs, "quantize_int8 scales", tol=1e-6)
+    if xq.dtype != torch.int8 or xq.shape != rq.shape:
+        raise ConformanceFailure(f"quantize_int8: xq is {xq.dtype} {list(xq.shape)}, expected int8 {list(rq.shape)}")
+    # Rounding may break a tie the other way: every code within one step of the reference's, and the
+    # dequantized value within half a step (plus that tie) of x.
+    codes = (xq.cpu().int() - rq.int()).abs()
+    if int(codes.max()) > 1:
+        raise ConformanceFailure(f"quantize_int8: codes differ from the reference by up to {int(codes.max())}")
+    err = (xq.cpu().float() * rs.unsqueeze(1) - x).abs()
+    if bool((err > rs.unsqueeze(1) * 0.5001 + 1e-12).any()):
+        raise ConformanceFailure("quantize_int8: a value is off by more than half a quantization step")
+
+
+def _int8_cases() -> Iterable[Case]:
+    for m, k in [(4, 64), (33, 300)]:
+        for dt in (torch.float32, torch.bfloat16):
+
+            def make_q(g: torch.Generator, m: int = m, k: int = k, dt: torch.dtype = dt) -> Args:
+                x = _randn(g, m, k, dtype=dt, scale=3.0)
+                x[0] = 0  # an all-zero token: scale 1, codes 0
+                return (x,), {}
+
+            yield Case("quantize_int8", f"M{m}-K{k}-{_dt(dt)}", make_q, dt, None, _compare_quantize_int8, int8=True)
+
+    def codes(g: torch.Generator, *shape: int) -> torch.Tensor:
+        return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+
+    for m, n, k in [(1, 64, 128), (37, 96, 200)]:
+
+        def make_g(g: torch.Generator, m: int = m, n: int = n, k: int = k) -> Args:
+            return (
+                codes(g, m, k),
+                torch.rand(m, generator=g) * 0.02,
+                codes(g, n, k),
+                torch.rand(n, generator=g) * 0.01,
+            ), {}
+
+        yield Case("gemm_int8", f"M{m}-N{n}-K{k}", make_g, torch.bfloat16, int8=True)
+    counts = [5, 0, 9, 3]
+
+    def make_grouped(g: torch.Generator) -> Args:
+        m = sum(counts) + 2
+        return (
+            codes(g, m, 96),
+            torch.rand(m, generator=g) * 0.02,
+            codes(g, 4, 40, 96),
+            torch.rand(4, 40, generator=g) * 0.01,
+            _offsets(counts),
+        ), {"out_dtype": torch.float32}
+
+    yield Case("grouped_gemm_int8", f"E4-M{sum(counts)}+2-N40-K96-float32", make_grouped, torch.float32, int8=True)
+
+
 def _paged(
     g: torch.Generator, lens: Sequence[int], d: int, dt: torch.dtype, block: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,6 +531,7 @@ CASES: tuple[Case, ...] = tuple(
             *_quantize_cases(),
             *_gemm_fp8_cases(),
             *_grouped_cases(),
+            *_int8_cases(),
             *_attention_cases(),
             *_moe_cases(),
             *_small_cases(),
@@ -500,6 +559,8 @@ def cases_for(backend: Backend, ops: Iterable[str] | None = None) -> list[tuple[
             why = f"{backend.name} does not compute in {_dt(case.dtype)}"
         elif case.fp8 is not None and case.fp8 != caps.fp8_dtype:
             why = f"{backend.name}'s fp8 format is {caps.fp8_format or 'none'}, the case needs {_dt(case.fp8)}"
+        elif case.int8 and not caps.int8:
+            why = f"{backend.name} has no int8 arithmetic"
         result.append((case, why))
     return result
 

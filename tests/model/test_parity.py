@@ -9,6 +9,7 @@ continuations, absorbed vs expanded MLA decode, FP8 (quantize at load, DeepSeek-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -440,3 +441,53 @@ def test_hal_run_json_matches_transformers(tmp_path: Path) -> None:
     expected = [hf_greedy(hf, p, 8) for p in prompts]
     diffs = [first_difference(a, b) for a, b in zip(data["tokens"], expected, strict=False)]
     assert data["tokens"] == expected, "\n".join(diffs)
+
+
+# ------------------------------------------------------------------------------------------------
+# INT8 W8A8 (devices with INT8 but no FP8, e.g. Ascend 910B/910C)
+# ------------------------------------------------------------------------------------------------
+
+
+def int8_only(backend: hal.Backend) -> hal.Backend:
+    """The cpu backend's ops under capabilities without FP8, as an Ascend A2/A3 device declares."""
+    caps = dataclasses.replace(backend.capabilities, fp8_format=None, int8=True)
+    return hal.Backend("cpu-int8-only", backend.device, caps, backend.table)
+
+
+def _linear_weight_types(model: DeepseekModel) -> set[str]:
+    kinds = set()
+    for layer in model.layers:
+        kinds |= {
+            type(w).__name__ for w in (layer.attn.q_a, layer.attn.q_b, layer.attn.kv_a, layer.attn.o) if w is not None
+        }
+        kinds.add(type(layer.mlp.down).__name__)
+    return kinds
+
+
+def test_w8a8_quantize_at_load_close_to_bf16(fp8_dirs: dict[str, Path], backend: hal.Backend) -> None:
+    bf16 = load_model(fp8_dirs["bf16"], backend, dtype=torch.bfloat16, progress=False)
+    int8 = load_model(fp8_dirs["bf16"], backend, dtype=torch.bfloat16, quantize="int8", progress=False)
+    assert _linear_weight_types(int8) == {"Int8Weight"}
+    cos = cosine(_all_logits(int8, FP8_PROMPTS), _all_logits(bf16, FP8_PROMPTS))
+    ratio = int8.linear_weight_bytes / bf16.linear_weight_bytes
+    print(f"\nW8A8 INT8 quantize-at-load vs bf16: logits cosine {cos:.6f}, linear weight bytes ratio {ratio:.4f}")
+    assert cos >= 0.99, f"W8A8 vs bf16 logits cosine similarity {cos:.6f} < 0.99"
+    assert ratio <= 0.55, f"INT8 linear weights take {ratio:.4f}x the bf16 ones"
+
+
+def test_fp8_checkpoint_on_an_int8_only_backend_loads_as_w8a8(
+    fp8_dirs: dict[str, Path], backend: hal.Backend, tmp_path: Path
+) -> None:
+    _, dequantized = _write_fp8_checkpoint(fp8_dirs["fp32"], tmp_path)
+    cfg = ModelConfig.from_file(tmp_path / "config.json")
+    ascend_like = int8_only(backend)
+    model = load_model(tmp_path, ascend_like, dtype=torch.float32, progress=False)
+    assert _linear_weight_types(model) == {"Int8Weight"}
+    reference = DeepseekModel(cfg, backend, dequantized, dtype=torch.float32)
+    cos = cosine(_all_logits(model, FP8_PROMPTS), _all_logits(reference, FP8_PROMPTS))
+    print(f"\nFP8 checkpoint as W8A8 vs its dequantized fp32 weights: logits cosine {cos:.6f}")
+    assert cos >= 0.99, f"FP8 checkpoint converted to W8A8: cosine {cos:.6f} < 0.99"
+    # Asked for plain weights instead, it is exactly the dequantized model.
+    plain = load_model(tmp_path, ascend_like, dtype=torch.float32, dequantize_fp8=True, progress=False)
+    assert _linear_weight_types(plain) == {"Tensor"}
+    assert rel_err(_all_logits(plain, FP8_PROMPTS), _all_logits(reference, FP8_PROMPTS)) <= 1e-5

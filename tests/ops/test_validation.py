@@ -20,6 +20,10 @@ def q8(*shape: int) -> torch.Tensor:
     return torch.zeros(*shape).to(F8)
 
 
+def q8i(*shape: int) -> torch.Tensor:
+    return torch.zeros(*shape, dtype=torch.int8)
+
+
 def s32(*shape: int) -> torch.Tensor:
     return torch.ones(*shape)
 
@@ -131,6 +135,34 @@ CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], type[Exception], tuple[s
         {},
         LayoutError,
         ("multiple of 128",),
+    ),
+    # INT8 W8A8
+    ("quantize_int8", (r(4, 8).long(),), {}, DTypeError, ("quantize_int8: x:", "int64")),
+    ("quantize_int8", (r(8),), {}, ShapeError, ("quantize_int8: x:", "[M, K]")),
+    (
+        "gemm_int8",
+        (q8i(4, 16), s32(4), q8i(8, 16), s32(7)),
+        {},
+        ShapeError,
+        ("gemm_int8: ws:", "[8]", "per output channel", "[7]"),
+    ),
+    ("gemm_int8", (q8i(4, 16), s32(3), q8i(8, 16), s32(8)), {}, ShapeError, ("gemm_int8: xs:", "M of xq")),
+    ("gemm_int8", (q8i(4, 16), s32(4), q8i(8, 12), s32(8)), {}, ShapeError, ("gemm_int8: wq:", "K of xq")),
+    ("gemm_int8", (q8i(4, 16).float(), s32(4), q8i(8, 16), s32(8)), {}, DTypeError, ("gemm_int8: xq:", "int8")),
+    ("gemm_int8", (q8i(4, 16), s32(4).double(), q8i(8, 16), s32(8)), {}, DTypeError, ("gemm_int8: xs:", "float32")),
+    (
+        "grouped_gemm_int8",
+        (q8i(10, 16), s32(10), q8i(3, 8, 16), s32(3, 8), i32(0, 4, 10)),
+        {},
+        ShapeError,
+        ("grouped_gemm_int8: offsets:", "E + 1"),
+    ),
+    (
+        "grouped_gemm_int8",
+        (q8i(10, 16), s32(10), q8i(3, 8, 16), s32(3, 7), i32(0, 4, 8, 10)),
+        {},
+        ShapeError,
+        ("grouped_gemm_int8: ws:", "[3, 8]"),
     ),
     # mla_decode
     (

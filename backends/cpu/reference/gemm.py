@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hal.ops.catalogue import BLOCK
-from hal.quant import AMAX_FLOOR, dequantize_fp8_blocks, dequantize_fp8_groups, fp8_max
+from hal.quant import AMAX_FLOOR, dequantize_fp8_blocks, dequantize_fp8_groups, fp8_max, quantize_int8_rows
 
 # Catalogue order, not alphabetical, so this list reads like the catalogue's GEMM section.
 __all__ = [  # noqa: RUF022
@@ -22,6 +22,9 @@ __all__ = [  # noqa: RUF022
     "grouped_gemm_masked",
     "grouped_gemm_fp8",
     "grouped_gemm_fp8_masked",
+    "quantize_int8",
+    "gemm_int8",
+    "grouped_gemm_int8",
 ]
 
 
@@ -135,3 +138,54 @@ def grouped_gemm_fp8_masked(
     x = dequantize_fp8_groups(xq, xs, BLOCK)
     w = dequantize_fp8_blocks(wq, ws, BLOCK)
     return _masked(x, w, masked_m, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# INT8 W8A8
+# ---------------------------------------------------------------------------------------------------
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric INT8: ``(xq int8 [M, K], scales float32 [M])``, ``x ≈ xq * scales[:, None]``."""
+    return quantize_int8_rows(x)
+
+
+def _int8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """``xq [M, K] @ wq [N, K].T`` accumulated exactly, then dequantized in fp32 as hardware does.
+
+    float64 holds every int32 accumulation exactly (|sum| <= K * 127^2 < 2^53), so this equals an
+    int32 matmul; the scales apply to the int32 result in fp32.
+    """
+    acc = (xq.double() @ wq.double().T).float()
+    return acc * xs.unsqueeze(1) * ws.unsqueeze(0)
+
+
+def gemm_int8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8: ``(xq @ wq.T)`` in exact integer arithmetic, times ``xs[:, None] * ws[None, :]``; ``[M, N]``."""
+    return _int8_matmul(xq, xs, wq, ws).to(out_dtype)
+
+
+def grouped_gemm_int8(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8 contiguous layout: ``gemm_int8`` of expert ``e``'s rows with ``wq[e], ws[e]``; padding rows zero."""
+    out = torch.zeros(xq.shape[0], wq.shape[1], dtype=torch.float32, device=xq.device)
+    bounds = offsets.tolist()  # the reference may read the offsets on the host; kernels must not
+    for e in range(wq.shape[0]):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            out[start:end] = _int8_matmul(xq[start:end], xs[start:end], wq[e], ws[e])
+    return out.to(out_dtype)
