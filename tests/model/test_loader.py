@@ -288,7 +288,7 @@ def test_index_names_key_not_in_shard(hf_dirs: dict[str, Any], tmp_path: Path) -
 
 
 def test_bad_quantize_value(hf_dirs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"quantize: expected one of \[None, 'fp8'\], got 'int4'"):
+    with pytest.raises(ValueError, match=r"quantize: expected one of \[None, 'fp8', 'int8'\], got 'int4'"):
         load_weights(hf_dirs["single"], hf_dirs["cfg"], quantize="int4", progress=False)
 
 
@@ -415,8 +415,8 @@ def test_progress_line(hf_dirs: dict[str, Any], capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().err == ""
 
 
-def _without_fp8(backend: Backend) -> Backend:
-    caps = dataclasses.replace(backend.capabilities, fp8_format=None)
+def _without_fp8(backend: Backend, *, int8: bool = False) -> Backend:
+    caps = dataclasses.replace(backend.capabilities, fp8_format=None, int8=int8)
     return Backend(backend.name + "-nofp8", backend.device, caps, backend.table)
 
 
@@ -427,13 +427,19 @@ def test_load_model_quantize_needs_fp8(hf_dirs: dict[str, Any]) -> None:
 
 
 def test_load_model_builds_model(hf_dirs: dict[str, Any], fp8_setup: dict[str, Any]) -> None:
-    """NEEDS DeepseekModel: the only test here that builds the model (FP8 kept on an FP8 backend,
-    dequantized on one without)."""
+    """The only test here that builds the model: an FP8 checkpoint is kept FP8 on an FP8 backend,
+    converted to W8A8 INT8 on one with INT8 only, dequantized on one with neither."""
     from hal.model.deepseek import DeepseekModel
+    from hal.model.weights import Fp8Weight, Int8Weight
 
     cpu = hal.get_backend("cpu")
     model = load_model(hf_dirs["single"], cpu, progress=False)
     assert isinstance(model, DeepseekModel)
     fp8_model = load_model(fp8_setup["fp8"], cpu, progress=False)
+    int8_model = load_model(fp8_setup["fp8"], _without_fp8(cpu, int8=True), progress=False)
     plain_model = load_model(fp8_setup["fp8"], _without_fp8(cpu), progress=False)
+    # kv_a_proj has K = hidden_size, a multiple of 128, so the checkpoint stores it in FP8.
+    kinds = [{type(layer.attn.kv_a) for layer in m.layers} for m in (fp8_model, int8_model, plain_model)]
+    assert kinds == [{Fp8Weight}, {Int8Weight}, {torch.Tensor}]
     assert fp8_model.linear_weight_bytes < plain_model.linear_weight_bytes
+    assert int8_model.linear_weight_bytes < plain_model.linear_weight_bytes
