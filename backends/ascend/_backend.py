@@ -1,12 +1,16 @@
-"""Builds the Ascend backend: the NPU device, its capabilities and the runtime ops.
+"""Builds the Ascend backend: the NPU device, its capabilities and its op table.
 
 Imported only by the backend's ``load``, after selection. :func:`build` imports ``torch_npu``, which
 registers the ``npu`` device type and ``torch.npu`` (it leaves ``TORCH_DEVICE_BACKEND_AUTOLOAD`` as
-the user set it), and initializes the current NPU. Importing this module alone imports no vendor
-code. Only the runtime ops are implemented here, through ``torch.npu``. Until the torch_npu kernels
-land every compute op falls back to the reference implementation, which is device-agnostic torch and
-so runs on the NPU; collectives fall back to plain ``torch.distributed`` over HCCL once the process
-group is initialized with ``capabilities.dist_backend``.
+the user set it), and initializes the current NPU; it then imports :mod:`hal_ascend.ops`, the compute
+ops through torch_npu's fused operators. Importing this module alone imports no vendor code. The
+runtime ops go through ``torch.npu``; compute ops :mod:`hal_ascend.ops` does not serve fall back to the
+reference implementation, which is device-agnostic torch and so runs on the NPU; collectives fall back
+to plain ``torch.distributed`` over HCCL once the process group is initialized with
+``capabilities.dist_backend``.
+
+Atlas A2/A3 (910B/910C) have int8 but no fp8 arithmetic: the backend declares fp8 none and int8 yes, and
+DeepSeek FP8 checkpoints load as W8A8 INT8 (``capabilities.extra["fp8_checkpoints"]``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from hal.errors import BackendLoadError
 from hal.types import BackendImpl, Capabilities, MemoryStats
 
-__all__ = ["RUNTIME_OPS", "arch_of_device_name", "build"]
+__all__ = ["FP8_CHECKPOINTS", "RUNTIME_OPS", "arch_of_device_name", "build"]
 
 
 def _npu() -> Any:
@@ -65,6 +69,11 @@ def pinned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device="cpu", pin_memory=True)
 
 
+def _unpinned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    # A backend built on the CPU (the tests' emulation) has no page-locking allocator.
+    return torch.empty(tuple(shape), dtype=dtype, device="cpu")
+
+
 #: op name → implementation, for the runtime ops of the catalogue.
 RUNTIME_OPS: dict[str, Callable[..., Any]] = {
     "device_count": device_count,
@@ -95,9 +104,15 @@ def arch_of_device_name(name: str) -> str:
     return m.group(1) if m else key
 
 
-def build() -> BackendImpl:
+#: What ``hal info`` says about FP8 checkpoints on this backend (capabilities.extra).
+FP8_CHECKPOINTS = "DeepSeek FP8 checkpoints load as W8A8 INT8 (no fp8 arithmetic on Atlas A2/A3)"
+
+
+def build(device: torch.device | None = None) -> BackendImpl:
     """The Ascend backend on torch_npu's current NPU.
 
+    :param device: where the ops run; ``None`` means ``npu`` (the current NPU). Tests pass the CPU to
+        run the backend over their emulation of torch_npu.
     :raises BackendLoadError: ``torch_npu`` fails to import (CANN missing or not sourced) or sees no NPU.
     """
     try:
@@ -116,8 +131,13 @@ def build() -> BackendImpl:
     name = str(npu.get_device_name(index))
     props = npu.get_device_properties(index)
     total = getattr(props, "total_memory", None)
+    # After torch_npu: the op module imports it at import.
+    from hal_ascend.ops import COMPUTE_OPS
+
+    # The bare "npu" device follows torch.npu.set_device, as torchrun-launched code expects.
+    target = torch.device("npu") if device is None else device
     caps = Capabilities(
-        device_type="npu",
+        device_type=target.type,
         device_name=name,
         arch=arch_of_device_name(name),
         dtypes=(torch.float32, torch.bfloat16, torch.float16),
@@ -127,7 +147,9 @@ def build() -> BackendImpl:
         memory_bytes=int(total) if total is not None else int(npu.mem_get_info(index)[1]),
         device_count=count,
         dist_backend="hccl",
-        extra={"current_device": str(index)},
+        extra={"current_device": str(index), "fp8_checkpoints": FP8_CHECKPOINTS},
     )
-    # The bare "npu" device follows torch.npu.set_device, as torchrun-launched code expects.
-    return BackendImpl(device=torch.device("npu"), capabilities=caps, ops=dict(RUNTIME_OPS))
+    ops: dict[str, Callable[..., Any]] = {**RUNTIME_OPS, **COMPUTE_OPS}
+    if target.type == "cpu":
+        ops["pinned_empty"] = _unpinned_empty
+    return BackendImpl(device=target, capabilities=caps, ops=ops)

@@ -1,8 +1,9 @@
-"""The Ascend build against a CPU emulation of the few torch_npu calls it makes (no NPU, no CANN here).
+"""The Ascend build against a stand-in for the torch_npu calls it makes at build (no NPU, no CANN here).
 
 The real ``torch_npu`` is never imported: the build runs in a subprocess whose ``sys.path`` starts
 with a stand-in ``torch_npu`` that registers an ``npu`` device type and a ``torch.npu`` module of
-plain functions, as the real package does on import.
+plain functions, as the real package does on import. The compute ops over the emulation of torch_npu's
+operators are tested in ``test_ops_emulated.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,20 @@ from pathlib import Path
 import pytest
 
 from hal.errors import BackendLoadError
-from hal_ascend._backend import build
+from hal_ascend._backend import FP8_CHECKPOINTS, RUNTIME_OPS, build
+
+#: The compute ops served through torch_npu's operators (hal_ascend.ops.COMPUTE_OPS).
+COMPUTE = [
+    "gemm_int8",
+    "grouped_gemm",
+    "grouped_gemm_int8",
+    "mla_decode",
+    "moe_route",
+    "quantize_int8",
+    "rms_norm",
+    "rotary",
+    "silu_and_mul",
+]
 
 #: The stand-in: what ``import torch_npu`` does, reduced to the calls the backend makes.
 EMULATION = '''
@@ -71,7 +85,9 @@ def test_build_on_an_emulated_910b(tmp_path: Path) -> None:
     caps = got["caps"]
     assert (caps["device_type"], caps["arch"], caps["fp8_format"], caps["int8"]) == ("npu", "ascend910b", None, True)
     assert (caps["dist_backend"], caps["device_count"], caps["memory_bytes"]) == ("hccl", 8, 65_452_113_920)
-    assert got["ops"] == ["device_count", "empty_cache", "memory_stats", "pinned_empty", "synchronize"]
+    assert caps["extra"]["fp8_checkpoints"] == FP8_CHECKPOINTS
+    assert "W8A8 INT8" in FP8_CHECKPOINTS
+    assert got["ops"] == sorted([*RUNTIME_OPS, *COMPUTE])
     assert got["bad_signatures"] == []
     assert got["device_count"] == 8
     assert got["memory"] == [1, 2, 3, 65_452_113_920]
@@ -90,3 +106,4 @@ def test_a_torch_npu_that_fails_to_import_is_a_load_error(tmp_path: Path, monkey
     with pytest.raises(BackendLoadError, match=r"import torch_npu failed \(ImportError: libascendcl.so.*set_env.sh"):
         build()
     assert "torch_npu" not in sys.modules
+    assert "hal_ascend.ops" not in sys.modules  # the op module is imported only after torch_npu
