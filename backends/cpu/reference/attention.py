@@ -57,7 +57,7 @@ def mla_decode(
     :returns: ``(out q's dtype [b, s_q, h, head_dim_v], lse float32 [b, h, s_q])``; zero output and
         ``lse = -inf`` for a query that sees no key.
     """
-    b, s_q, _, d = q.shape
+    b, s_q, h, d = q.shape
     block_size = kv_cache.shape[1]
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     seqlens = cache_seqlens.long()
@@ -72,12 +72,16 @@ def mla_decode(
     table = torch.where(used, block_table[:, :n_blocks].long(), 0)
     keys = kv_cache[:, :, 0].index_select(0, table.reshape(-1)).reshape(b, n_blocks * block_size, d).float()
     keys = keys.masked_fill(~valid.unsqueeze(-1), 0.0)  # [b, L, d]
-    scores = torch.einsum("bqhd,bld->bhql", q.float(), keys) * scale  # [b, h, s_q, L]
+    # Every (query, head) pair of a sequence is one row: [b, s_q * h, d] against the single latent head,
+    # so scores and the value sum are each one batched matmul (no per-head copy of the keys).
+    rows = q.float().reshape(b, s_q * h, d)
+    scores = torch.bmm(rows, keys.transpose(1, 2)) * scale  # [b, s_q * h, L]
     # Query i of s_q sees keys < seqlen - s_q + i + 1 (causal) or < seqlen.
     limit = seqlens.view(b, 1) - (s_q - 1 - torch.arange(s_q, device=q.device)) * int(causal)  # [b, s_q]
-    visible = pos.view(1, 1, -1) < limit.unsqueeze(-1)  # [b, s_q, L]
-    o, lse = _masked_softmax_attend(scores, visible.unsqueeze(1), keys[..., :head_dim_v].unsqueeze(1))
-    out = o.transpose(1, 2)  # [b, s_q, h, d_v]
+    visible = (pos.view(1, 1, -1) < limit.unsqueeze(-1)).repeat_interleave(h, dim=1)  # [b, s_q * h, L]
+    o, lse = _masked_softmax_attend(scores, visible, keys[..., :head_dim_v])  # [b, s_q * h, d_v], [b, s_q * h]
+    out = o.view(b, s_q, h, head_dim_v)
+    lse = lse.view(b, s_q, h).transpose(1, 2)  # [b, h, s_q]
     return out.to(q.dtype), lse
 
 
