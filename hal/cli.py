@@ -47,6 +47,13 @@ class RunError(HALError, ValueError):
     """A ``hal run`` option that cannot be used as given (the message names the option)."""
 
 
+_FP8_POLICY_TEXT = {
+    "fp8": "kept in FP8",
+    "int8": "converted to W8A8 INT8 at load (no FP8 arithmetic; hal run --dequantize-fp8 for bf16)",
+    "dequantize": "dequantized to the model's dtype at load (no FP8 or INT8 arithmetic)",
+}
+
+
 def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
 
@@ -82,6 +89,9 @@ def info_data(registry: Registry, backend: str | None = None) -> dict[str, Any]:
             else:
                 item["device"] = str(be.device)
                 item["validate"] = be.validate
+                from hal.model.loader import fp8_checkpoint_policy  # only for built backends: keep import light
+
+                item["fp8_checkpoints"] = _FP8_POLICY_TEXT[fp8_checkpoint_policy(be.capabilities)]
                 item["capabilities"] = be.capabilities.as_dict()
                 item["ops"] = {op: entry.as_dict() for op, entry in be.table.items()}
         backends.append(item)
@@ -156,6 +166,7 @@ def format_info(data: dict[str, Any]) -> str:
             f"devices {caps['device_count']} · collectives {caps['dist_backend']} · "
             f"input validation {'on' if b['validate'] else 'off (HAL_VALIDATE=0)'}"
         )
+        out.append(f"  DeepSeek FP8 checkpoints: {b['fp8_checkpoints']}")
         rows = [["OP", "IMPLEMENTATION", "SOURCE", "WHY"]]
         for op, entry in b["ops"].items():
             rows.append([op, entry["impl"], entry["source"], entry["reason"]])
@@ -229,24 +240,27 @@ def _tokenizer(model_dir: str | None) -> Any:
 
 
 def _tiny_model(args: argparse.Namespace, backend: hal.Backend, dtype: torch.dtype) -> DeepseekModel:
-    from hal.model import DeepseekModel, Fp8Weight, random_state_dict, tiny_config
+    from hal.model import DeepseekModel, random_state_dict, tiny_config
+    from hal.model.loader import quantize_linear
     from hal.model.weights import Weight, is_linear
-    from hal.quant import quantize_fp8_blocks
 
     cfg = tiny_config()
-    dense = random_state_dict(cfg, seed=args.seed)
-    weights: dict[str, Weight] = dict(dense)
-    if args.quantize == "fp8":
-        # What --model DIR --quantize fp8 does at load: DeepSeek's block-scaled format, in the backend's E4M3.
-        fp8 = backend.capabilities.fp8_dtype
-        if fp8 is None:
+    weights: dict[str, Weight] = dict(random_state_dict(cfg, seed=args.seed))
+    if args.quantize is not None:
+        # What --model DIR --quantize does at load, on the built-in model's weights.
+        caps = backend.capabilities
+        if (args.quantize == "fp8" and caps.fp8_dtype is None) or (args.quantize == "int8" and not caps.int8):
             raise RunError(
-                f"--quantize fp8: backend {backend.name!r} ({backend.capabilities.arch}) has no FP8 arithmetic; "
-                "run without --quantize or choose a backend with FP8"
+                f"--quantize {args.quantize}: backend {backend.name!r} ({caps.arch}) has no "
+                f"{args.quantize.upper()} arithmetic; run without --quantize or choose another backend"
             )
-        weights = {
-            k: Fp8Weight(*quantize_fp8_blocks(w, fp8_dtype=fp8)) if is_linear(k) else w for k, w in dense.items()
-        }
+        fp8 = caps.fp8_dtype or torch.float8_e4m3fn
+        for name, w in list(weights.items()):
+            quantized = (
+                quantize_linear(w, args.quantize, fp8) if is_linear(name) and isinstance(w, torch.Tensor) else None
+            )
+            if quantized is not None:
+                weights[name] = quantized
     return DeepseekModel(cfg, backend, weights, dtype=dtype)
 
 
@@ -278,7 +292,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from hal.model.loader import load_model
 
-        model = load_model(args.model, backend, dtype=dtype, quantize=args.quantize, progress=not args.quiet)
+        model = load_model(
+            args.model,
+            backend,
+            dtype=dtype,
+            quantize=args.quantize,
+            dequantize_fp8=args.dequantize_fp8,
+            progress=not args.quiet,
+        )
     if prompts is None:
         batch = 4 if args.batch is None else args.batch
         prompts = random_prompts(batch, model.cfg.vocab_size, args.seed)
@@ -415,9 +436,9 @@ def _cmd_bench_compare(args: argparse.Namespace) -> int:
     from hal.bench import compare, format_comparison, load_results
 
     a, b = load_results(args.a), load_results(args.b)
-    result = compare(a, b, args.threshold)
+    result = compare(a, b, args.threshold, absolute=args.absolute)
     print(format_comparison(result, Path(args.a).name, Path(args.b).name))
-    return 1 if result.regressions else 0
+    return 1 if result.failed else 0
 
 
 def _non_negative_int(text: str) -> int:
@@ -508,9 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--quantize",
-        choices=["fp8"],
-        help="quantize the linear layers' weights to FP8 at load (DeepSeek's format: e4m3 with one fp32 scale "
-        "per 128x128 block)",
+        choices=["fp8", "int8"],
+        help="quantize the linear layers' weights at load: fp8 is DeepSeek's format (e4m3 with one fp32 scale "
+        "per 128x128 block, needs a backend with FP8), int8 is W8A8 (one fp32 scale per output channel, "
+        "activations quantized per token)",
+    )
+    run.add_argument(
+        "--dequantize-fp8",
+        action="store_true",
+        help="on a backend without FP8 arithmetic, load a DeepSeek FP8 checkpoint as --dtype weights instead "
+        "of converting it to W8A8 INT8",
     )
     run.add_argument(
         "--temperature",
@@ -566,7 +594,8 @@ def _add_bench_parser(sub: Any) -> None:
         epilog="Ops: " + ", ".join(f"{op} (vs {', '.join(BASELINES[op])})" for op in BENCH_OPS) + ". "
         "Collectives (all_reduce, all_to_all) need several processes and are not run here: "
         "`pytest bench/collectives` measures them over a 2-process gloo group; `pytest bench` (make bench) runs "
-        "the same cases under pytest-benchmark, and bench/model the model's decode against transformers. "
+        "the same cases under pytest-benchmark (HAL_BENCH_SHAPES=NAME picks the set, HAL_BENCH_QUICK=1 the quick "
+        "shapes), and bench/model the model's decode against transformers. "
         "Examples: hal bench --quick · hal bench --ops gemm,mla_decode --json out.json --plot roofline.png · "
         "hal bench compare before.json after.json",
     )
@@ -594,14 +623,16 @@ def _add_bench_parser(sub: Any) -> None:
     )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     bench.set_defaults(func=_cmd_bench, bench_command=None)
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="compare")
+    bench_sub = bench.add_subparsers(dest="bench_command", title="subcommand", metavar="compare")
     cmp = bench_sub.add_parser(
         "compare",
         help="compare two hal bench --json runs; exit status 1 when a result regressed",
-        description="Match the results of two runs by (op, shape, dtype) and print B's median time over A's. A "
-        "result has regressed when B/A > 1 + max(threshold, spread), spread being the larger of its two measured "
-        "spreads (interquartile range / median): a difference within a run's own scatter is noise. Exit status: "
-        "0 without regression, 1 with one (or when a file cannot be read).",
+        description="Match the results of two runs by (op, shape, dtype) and print B's median time over A's. When B "
+        "is slower overall, each ratio is divided by that drift (the median ratio: a machine-wide shift moves every "
+        "op alike), and the drift itself is a regression past 1 + threshold. A result has regressed when its ratio "
+        "exceeds 1 + max(threshold, spread), spread being the larger of its two measured spreads (interquartile "
+        "range / median): a difference within a run's own scatter is noise. Exit status: 0 without regression, 1 "
+        "with one (or when a file cannot be read).",
     )
     cmp.add_argument("a", metavar="A.json", help="the baseline run (before)")
     cmp.add_argument("b", metavar="B.json", help="the run to check (after)")
@@ -611,7 +642,10 @@ def _add_bench_parser(sub: Any) -> None:
         default=DEFAULT_THRESHOLD,
         metavar="X",
         help=f"relative slowdown tolerated beyond noise (default {DEFAULT_THRESHOLD}: above the run-to-run scatter "
-        "of a small CPU; 0.05 suits GPU event timings)",
+        "of --quick runs on a small shared CPU; lower it where reruns scatter less)",
+    )
+    cmp.add_argument(
+        "--absolute", action="store_true", help="judge raw ratios, without dividing out a whole-run slowdown"
     )
     cmp.set_defaults(func=_cmd_bench)
 

@@ -13,6 +13,7 @@ __all__ = [
     "BackendLoadError",
     "BackendNotFoundError",
     "BackendUnavailableError",
+    "BenchError",
     "CollectiveError",
     "DTypeError",
     "DeviceError",
@@ -134,3 +135,12 @@ class KVCacheExhaustedError(KVCacheError):
 
 class CollectiveError(HALError, RuntimeError):
     """A collective cannot run as asked (no process group, unsupported dtype for the transport)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------------
+
+
+class BenchError(HALError, ValueError):
+    """``hal bench`` cannot run or compare as asked (unknown op or shape set, an unreadable results file)."""
