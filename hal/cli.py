@@ -21,7 +21,7 @@ import json
 import logging
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,15 @@ _FP8_POLICY_TEXT = {
     "int8": "converted to W8A8 INT8 at load (no FP8 arithmetic; hal run --dequantize-fp8 for bf16)",
     "dequantize": "dequantized to the model's dtype at load (no FP8 or INT8 arithmetic)",
 }
+
+
+def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    """Print a command's result: one JSON document (``--json``), or its human form."""
+    if as_json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(human(data))
 
 
 def _gib(n: int | None) -> str:
@@ -178,12 +187,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     registry = hal.default_registry()
     if args.backend is not None:
         registry.select(args.backend)  # an unknown or unavailable name is an error, with every reason
-    data = info_data(registry, args.backend)
-    if args.json:
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_info(data))
+    _emit(info_data(registry, args.backend), args.json, format_info)
     return 0
 
 
@@ -334,11 +338,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if texts is not None:
         data["prompt_texts"] = list(args.prompt)
         data["texts"] = texts
-    if args.json:
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_run(data))
+    _emit(data, args.json, format_run)
     return 0
 
 

@@ -30,12 +30,8 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Fp8Weight:
-    """A linear weight in DeepSeek-V3's FP8 format: ``dequantized = q * scale`` per 128×128 block.
-
-    :ivar q: float8_e4m3fn (or e4m3fnuz) ``[..., N, K]``.
-    :ivar scale: float32 ``[..., ceil(N / 128), ceil(K / 128)]`` (a checkpoint's ``weight_scale_inv``).
-    """
+class _QuantizedWeight:
+    """Quantized data and its fp32 scales; subclasses say how the scales apply."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -50,23 +46,21 @@ class Fp8Weight:
 
 
 @dataclass(frozen=True)
-class Int8Weight:
+class Fp8Weight(_QuantizedWeight):
+    """A linear weight in DeepSeek-V3's FP8 format: ``dequantized = q * scale`` per 128×128 block.
+
+    :ivar q: float8_e4m3fn (or e4m3fnuz) ``[..., N, K]``.
+    :ivar scale: float32 ``[..., ceil(N / 128), ceil(K / 128)]`` (a checkpoint's ``weight_scale_inv``).
+    """
+
+
+@dataclass(frozen=True)
+class Int8Weight(_QuantizedWeight):
     """A linear weight in W8A8 INT8 form: ``dequantized = q * scale[..., None]`` per output channel.
 
     :ivar q: int8 ``[..., N, K]`` in [-127, 127].
     :ivar scale: float32 ``[..., N]``.
     """
-
-    q: torch.Tensor
-    scale: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
 
 
 Weight = Union[torch.Tensor, Fp8Weight, Int8Weight]  # noqa: UP007  (a runtime alias; `|` on a class and a dataclass works only from 3.10 in annotations)
