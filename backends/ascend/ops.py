@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch_npu  # CANN; the ops below call torch_npu.<op>
 
-from hal.types import RouteResult
+from hal.types import Permutation, RouteResult
 
 __all__ = [
     "COMPUTE_OPS",
@@ -37,7 +37,9 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_int8",
     "mla_decode",
+    "moe_permute",
     "moe_route",
+    "moe_unpermute",
     "quantize_int8",
     "rms_norm",
     "rotary",
@@ -57,6 +59,17 @@ DOC_SWIGLU = "https://hiascend.com/document/detail/zh/Pytorch/600/apiref/apilist
 DOC_ROTARY_MUL = "https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_rotary_mul.md"
 DOC_MOE_GATING = "https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_moe_gating_top_k.md"
 DOC_FIA = "https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_fused_infer_attention_score.md"
+DOC_MOE_INIT_ROUTING = "https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_moe_init_routing.md"
+#: The op-plugin test of npu_moe_init_routing: its golden is a *stable* argsort of the row-major flattened
+#: expert_idx, with row_idx = arange(NUM_ROWS * K).reshape(K, NUM_ROWS).T (column-major source rows).
+DOC_MOE_INIT_ROUTING_TEST = (
+    "https://gitcode.com/Ascend/op-plugin/blob/master/test/test_custom_ops/test_npu_moe_init_routing.py"
+)
+DOC_MOE_FINALIZE = "https://gitcode.com/Ascend/op-plugin/blob/master/docs/context/torch_npu-npu_moe_finalize_routing.md"
+#: The 6.0.RC2 release's copy of the same document, which adds "尾轴H,K中最大值小于8KB".
+DOC_MOE_FINALIZE_60RC2 = (
+    "https://www.hiascend.com/doc_center/source/zh/Pytorch/60RC2/apiref/apilist/ptaoplist_000801.html"
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 #: npu_quant_matmul: "x1与x2最后一维的shape大小不能超过65535"; npu_grouped_matmul: inner axis < 65536.
@@ -535,6 +548,105 @@ def mla_decode(
     return out.masked_fill(unseen, 0), lse
 
 
+# ---------------------------------------------------------------------------------------------------
+# MoE token permutation
+# ---------------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+#: npu_moe_init_routing: x's "shape大小需要小于2^24" (its element count).
+_INIT_ROUTING_NUMEL_LIMIT = 2**24
+#: npu_moe_finalize_routing (6.0.RC2 document): "尾轴H,K中最大值小于8KB", read as a row of H float32 values.
+_FINALIZE_ROW_BYTES_LIMIT = 8 * 1024
+
+
+def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> Permutation:
+    """Token copies sorted by expert through ``torch_npu.npu_moe_init_routing`` (:data:`DOC_MOE_INIT_ROUTING`).
+
+    Document: ``npu_moe_init_routing(x, row_idx, expert_idx, active_num) -> (expanded_x, expanded_row_idx,
+    expanded_expert_idx)``, x float16 | bfloat16 | float32 ``[NUM_ROWS, H]`` with fewer than 2^24
+    elements, row_idx and expert_idx int32 ``[NUM_ROWS, K]``; ``expanded_expert_idx, sorted_row_idx =
+    keyValueSort(expert_idx, row_idx)``, ``expanded_row_idx[sorted_row_idx[i]] = i``, ``expanded_x[i] =
+    x[sorted_row_idx[i] % NUM_ROWS]`` (``min(NUM_ROWS, active_num) * K`` rows). So row_idx must hold the
+    column-major source index ``j * T + t`` (the document's example and op-plugin's test pass
+    ``arange(T * K).reshape(K, T).T``), and expanded_row_idx maps that source index to its destination
+    row. The sort is stable over the row-major flattened expert_idx (op-plugin's test compares the
+    operator with a stable argsort, :data:`DOC_MOE_INIT_ROUTING_TEST`), which is HAL's order: by expert,
+    then by ``t * top_k + j``.
+
+    HAL's ``order`` (destination row → ``t * top_k + j``) is expanded_row_idx inverted and re-indexed
+    row-major; the offsets are found in expanded_expert_idx (sorted) with ``searchsorted``.
+
+    Envelope: x float32 | float16 | bfloat16 with fewer than 2^24 elements, T and top_k non-zero; fp8
+    or integer x goes to the reference.
+    """
+    t, k = topk_ids.shape
+    why = None
+    if x.dtype not in _FLOATS:
+        why = f"npu_moe_init_routing takes float16 | bfloat16 | float32 x, got {x.dtype}"
+    elif x.numel() >= _INIT_ROUTING_NUMEL_LIMIT:
+        why = "npu_moe_init_routing needs x with fewer than 2^24 elements"
+    elif t == 0 or k == 0:
+        why = "empty routing (no token or no expert per token)"
+    if why is not None:
+        return _reference("moe_permute", why)(x, topk_ids, num_experts)
+    dev = x.device
+    # row_idx[t, j] = j * T + t: the column-major source index the operator's formula expects.
+    row_idx = torch.arange(t * k, dtype=torch.int32, device=dev).view(k, t).t().contiguous()
+    expanded_x, expanded_row_idx, expanded_expert_idx = torch_npu.npu_moe_init_routing(
+        x.contiguous(), row_idx, topk_ids.to(torch.int32).contiguous(), t
+    )
+    src = torch.arange(t * k, dtype=torch.int64, device=dev)  # column-major source index j * T + t
+    order = torch.empty(t * k, dtype=torch.int64, device=dev)
+    order[expanded_row_idx.long()] = (src % t) * k + src // t  # destination row -> t * top_k + j
+    bounds = torch.arange(num_experts + 1, dtype=expanded_expert_idx.dtype, device=dev)
+    offsets = torch.searchsorted(expanded_expert_idx.contiguous(), bounds).to(torch.int64)
+    return Permutation(expanded_x, offsets, order)
+
+
+def moe_unpermute(y: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum back in token order through ``torch_npu.npu_moe_finalize_routing`` (:data:`DOC_MOE_FINALIZE`).
+
+    Document: ``npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
+    expanded_src_to_dst_row, export_for_source_row, drop_pad_mode=0) -> out``, ``out(i, j) = skip1 +
+    skip2 + sum_k scales[i, k] * (expanded_permuted_rows[expanded_src_to_dst_row[i + k * NUM_ROWS], j] +
+    bias[export_for_source_row[i, k], j])``; skip1, skip2, bias, scales and export_for_source_row may be
+    None (skip2 only with skip1); rows float16 | bfloat16 | float32 ``[NUM_ROWS * K, H]``, scales of the
+    rows' dtype ``[NUM_ROWS, K]``, expanded_src_to_dst_row int32 ``[NUM_ROWS * K]`` in ``[0, NUM_ROWS * K
+    - 1]``, column-major with drop_pad_mode 0 (the only mode every release documents).
+
+    HAL's ``order`` maps a destination row to ``t * top_k + j``; its inverse, re-indexed column-major,
+    is expanded_src_to_dst_row. HAL's weights are float32 and the sum is fp32, so the rows go in as
+    float32 (scales must have the rows' dtype) and the result is cast back to y's dtype.
+
+    Envelope: T and top_k non-zero; a float32 row of N values under 8 KB (N < 2048), the limit the
+    6.0.RC2 document states (:data:`DOC_MOE_FINALIZE_60RC2`); wider rows go to the reference.
+    """
+    t, k = topk_weights.shape
+    n = y.shape[1]
+    why = None
+    if t == 0 or k == 0:
+        why = "empty routing (no token or no expert per token)"
+    elif n * 4 >= _FINALIZE_ROW_BYTES_LIMIT:
+        why = f"npu_moe_finalize_routing's rows must be under 8 KB (float32 N < 2048), got N = {n}"
+    if why is not None:
+        return _reference("moe_unpermute", why)(y, order, topk_weights)
+    dev = y.device
+    dst_of_src = torch.empty(t * k, dtype=torch.int64, device=dev)
+    dst_of_src[order.long()] = torch.arange(t * k, dtype=torch.int64, device=dev)  # t * top_k + j -> row
+    src_to_dst = dst_of_src.view(t, k).t().reshape(-1).to(torch.int32)  # column-major: j * T + t
+    out = torch_npu.npu_moe_finalize_routing(
+        y.float().contiguous(),
+        None,
+        None,
+        None,
+        topk_weights.float().contiguous(),
+        src_to_dst,
+        None,
+        drop_pad_mode=0,
+    )
+    return out.to(y.dtype)
+
+
 #: op name → implementation, for the compute ops this backend serves through torch_npu.
 COMPUTE_OPS: dict[str, Callable[..., Any]] = {
     "quantize_int8": quantize_int8,
@@ -545,5 +657,7 @@ COMPUTE_OPS: dict[str, Callable[..., Any]] = {
     "silu_and_mul": silu_and_mul,
     "rotary": rotary,
     "moe_route": moe_route,
+    "moe_permute": moe_permute,
+    "moe_unpermute": moe_unpermute,
     "mla_decode": mla_decode,
 }

@@ -44,6 +44,8 @@ NATIVE = {
     "silu_and_mul",
     "rotary",
     "moe_route",
+    "moe_permute",
+    "moe_unpermute",
     "mla_decode",
 }
 
@@ -105,6 +107,7 @@ def test_conformance_kit_passes_through_the_emulated_backend(
     for operator in ("npu_dynamic_quant", "npu_quant_matmul", "npu_grouped_matmul", "npu_rms_norm", "npu_swiglu"):
         assert operator in torch_npu_emulation.calls
     assert {"npu_rotary_mul", "npu_moe_gating_top_k"} <= set(torch_npu_emulation.calls)
+    assert {"npu_moe_init_routing", "npu_moe_finalize_routing"} <= set(torch_npu_emulation.calls)
 
 
 def test_the_op_table_says_which_ops_are_native(ascend: Backend) -> None:
@@ -230,6 +233,53 @@ def test_moe_route_outside_the_operator_envelope_uses_the_reference(
     rsid, rorder = rids.sort(dim=1)
     assert torch.equal(sid, rsid)
     assert_close(w.gather(1, order), rw.gather(1, rorder), "moe_route weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_permute_matches_the_reference_exactly_with_many_ties(
+    ascend: Backend, reference: dict[str, Callable[..., Any]], torch_npu_emulation: ModuleType, dtype: torch.dtype
+) -> None:
+    g = _gen(11)
+    x = torch.randn(13, 8, generator=g).to(dtype)
+    ids = torch.randint(0, 4, (13, 3), generator=g)  # 39 copies over 4 experts (one unused: E = 5)
+    got = ascend.moe_permute(x, ids, 5)
+    want = reference["moe_permute"](x, ids, 5)
+    assert torch_npu_emulation.calls == ["npu_moe_init_routing"]
+    assert torch.equal(got.order, want.order) and got.order.dtype == torch.int64
+    assert torch.equal(got.offsets, want.offsets) and got.offsets.dtype == torch.int64
+    assert torch.equal(got.x, want.x)
+    y = torch.randn(39, 6, generator=g).to(dtype)
+    w = torch.rand(13, 3, generator=g)
+    torch_npu_emulation.calls.clear()
+    out = ascend.moe_unpermute(y, got.order, w)
+    assert torch_npu_emulation.calls == ["npu_moe_finalize_routing"]
+    assert out.dtype == dtype
+    assert_close(out, reference["moe_unpermute"](y, want.order, w), "moe_unpermute")
+
+
+def test_moe_permute_and_unpermute_outside_the_envelope_use_the_reference(
+    ascend: Backend, reference: dict[str, Callable[..., Any]], torch_npu_emulation: ModuleType
+) -> None:
+    x = torch.randint(-5, 5, (4, 8), dtype=torch.int8)  # not a dtype npu_moe_init_routing takes
+    ids = torch.tensor([[0, 1], [1, 0], [2, 2], [0, 2]])
+    got = ascend.moe_permute(x, ids, 3)
+    want = reference["moe_permute"](x, ids, 3)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    y = torch.randn(8, 2048, generator=_gen(12))  # a float32 row of 8 KB: past npu_moe_finalize_routing's limit
+    w = torch.rand(4, 2, generator=_gen(13))
+    assert torch.equal(ascend.moe_unpermute(y, want.order, w), reference["moe_unpermute"](y, want.order, w))
+    assert torch_npu_emulation.calls == []
+
+
+def test_emulated_init_routing_follows_the_document_example(emulation_module: ModuleType) -> None:
+    x = torch.tensor([[0.1] * 4, [0.2] * 4, [0.3] * 4])
+    row_idx = torch.tensor([[0, 3], [1, 4], [2, 5]], dtype=torch.int32)
+    expert_idx = torch.tensor([[1, 2], [0, 1], [0, 2]], dtype=torch.int32)
+    ex, erow, eexp = emulation_module.npu_moe_init_routing(x, row_idx, expert_idx, 3)
+    assert torch.equal(eexp, torch.tensor([0, 0, 1, 1, 2, 2], dtype=torch.int32))
+    assert torch.equal(ex, x[[1, 2, 0, 1, 0, 2]])
+    # expanded_row_idx[sorted_row_idx[i]] = i with sorted_row_idx = [1, 2, 0, 4, 3, 5].
+    assert torch.equal(erow, torch.tensor([2, 0, 1, 4, 3, 5], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "neox"])
@@ -453,6 +503,36 @@ INVALID: dict[str, tuple[Callable[[ModuleType], Any], str]] = {
     "moe_gating-two-per-group": (
         lambda npu: npu.npu_moe_gating_top_k(torch.zeros(2, 16), 2, k_group=2, group_count=8),
         "greater than 2",
+    ),
+    "init_routing-expert_idx-int64": (
+        lambda npu: npu.npu_moe_init_routing(
+            _bf(2, 8), torch.zeros(2, 2, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int64), 2
+        ),
+        "expert_idx dtype",
+    ),
+    "init_routing-x-1d": (
+        lambda npu: npu.npu_moe_init_routing(
+            _bf(8), torch.zeros(2, 2, dtype=torch.int32), torch.zeros(2, 2, dtype=torch.int32), 2
+        ),
+        "x must be 2-D",
+    ),
+    "finalize_routing-scales-dtype": (
+        lambda npu: npu.npu_moe_finalize_routing(
+            _bf(4, 8), None, None, None, torch.ones(2, 2), torch.arange(4, dtype=torch.int32), None
+        ),
+        "scales's dtype",
+    ),
+    "finalize_routing-index-int64": (
+        lambda npu: npu.npu_moe_finalize_routing(
+            torch.zeros(4, 8), None, None, None, torch.ones(2, 2), torch.arange(4), None
+        ),
+        "expanded_src_to_dst_row dtype",
+    ),
+    "finalize_routing-skip2-without-skip1": (
+        lambda npu: npu.npu_moe_finalize_routing(
+            torch.zeros(4, 8), None, torch.zeros(2, 8), None, torch.ones(2, 2), torch.arange(4, dtype=torch.int32), None
+        ),
+        "skip2 must be None",
     ),
     "fia-layout": (_mla_call(input_layout="BSHD"), "input_layout must be one of"),
     "fia-lse": (_mla_call(softmax_lse_flag=True), "softmax_lse_flag"),

@@ -33,7 +33,9 @@ __all__ = [
     "npu_dynamic_quant",
     "npu_fused_infer_attention_score",
     "npu_grouped_matmul",
+    "npu_moe_finalize_routing",
     "npu_moe_gating_top_k",
+    "npu_moe_init_routing",
     "npu_quant_matmul",
     "npu_rms_norm",
     "npu_rotary_mul",
@@ -588,6 +590,145 @@ def npu_moe_gating_top_k(
     y = y * routed_scaling_factor
     norm_out = scores if out_flag else torch.full((t, e), float("nan"))
     return y.to(x.dtype), ids.to(torch.int32), norm_out
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE token routing (permute / finalize)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _int_arg(op: str, name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(op, f"{name} must be an int, got {value!r}")
+    return value
+
+
+def npu_moe_init_routing(
+    x: torch.Tensor, row_idx: torch.Tensor, expert_idx: torch.Tensor, active_num: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``expanded_expert_idx, sorted_row_idx = keyValueSort(expert_idx, row_idx)`` (stable over the
+    row-major flattened expert_idx, as op-plugin's test golden), ``expanded_row_idx[sorted_row_idx[i]] =
+    i``, ``expanded_x[i] = x[sorted_row_idx[i] % NUM_ROWS]`` for ``min(NUM_ROWS, active_num) * K`` rows.
+
+    x float16 | bfloat16 | float32 2-D with fewer than 2^24 elements; row_idx and expert_idx int32 2-D
+    ``[NUM_ROWS, K]``. Returns ``(expanded_x, expanded_row_idx int32 [NUM_ROWS * K], expanded_expert_idx
+    int32 [NUM_ROWS * K])``.
+    """
+    op = "npu_moe_init_routing"
+    calls.append(op)
+    _tensor(op, "x", x)
+    _tensor(op, "row_idx", row_idx)
+    _tensor(op, "expert_idx", expert_idx)
+    _dtype(op, "x", x, _FLOATS)
+    _dtype(op, "row_idx", row_idx, (torch.int32,))
+    _dtype(op, "expert_idx", expert_idx, (torch.int32,))
+    if x.dim() != 2:
+        raise _fail(op, f"x must be 2-D [NUM_ROWS, H], got shape {list(x.shape)}")
+    if x.numel() >= 2**24:
+        raise _fail(op, f"x's size must be below 2^24 elements, got {x.numel()}")
+    if expert_idx.dim() != 2 or expert_idx.shape[0] != x.shape[0]:
+        raise _fail(op, f"expert_idx must be 2-D [NUM_ROWS = {x.shape[0]}, K], got shape {list(expert_idx.shape)}")
+    if row_idx.shape != expert_idx.shape:
+        raise _fail(op, f"row_idx's shape must be expert_idx's {list(expert_idx.shape)}, got {list(row_idx.shape)}")
+    active_num = _int_arg(op, "active_num", active_num)
+    if active_num < 0:
+        raise _fail(op, f"active_num must be >= 0, got {active_num}")
+    num_rows, k = expert_idx.shape
+    flat_rows = row_idx.reshape(-1).long()
+    if flat_rows.numel() and (flat_rows.min() < 0 or flat_rows.max() >= num_rows * k):
+        raise _fail(op, f"row_idx values must lie in [0, NUM_ROWS * K = {num_rows * k}) (positions in the expansion)")
+    flat_experts = expert_idx.reshape(-1)
+    perm = torch.sort(flat_experts, stable=True).indices
+    sorted_row_idx = flat_rows[perm]
+    expanded_row_idx = torch.zeros(num_rows * k, dtype=torch.int32)
+    expanded_row_idx[sorted_row_idx] = torch.arange(num_rows * k, dtype=torch.int32)
+    rows = min(num_rows, active_num) * k
+    expanded_x = x[sorted_row_idx[:rows] % num_rows]
+    return expanded_x, expanded_row_idx, flat_experts[perm]
+
+
+def npu_moe_finalize_routing(
+    expanded_permuted_rows: torch.Tensor,
+    skip1: torch.Tensor | None,
+    skip2: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scales: torch.Tensor | None,
+    expanded_src_to_dst_row: torch.Tensor,
+    export_for_source_row: torch.Tensor | None,
+    drop_pad_mode: int = 0,
+) -> torch.Tensor:
+    """``out(i, j) = skip1 + skip2 + sum_k scales[i, k] * (rows[expanded_src_to_dst_row[i + k * NUM_ROWS], j]
+    + bias[export_for_source_row[i, k], j])`` (drop_pad_mode 0; 2 indexes ``i * K + k``).
+
+    rows float16 | bfloat16 | float32 ``[NUM_ROWS * K, H]``; skip1, skip2, bias, scales of the rows' dtype
+    (each may be None; skip2 only with skip1); scales ``[NUM_ROWS, K]``; expanded_src_to_dst_row int32
+    ``[NUM_ROWS * K]`` in ``[0, NUM_ROWS * K - 1]``; export_for_source_row int32 ``[NUM_ROWS, K]`` in
+    ``[0, E - 1]``. The drop-pad modes (1, 3) are not emulated. Computed in float32, returned in the rows'
+    dtype.
+    """
+    op = "npu_moe_finalize_routing"
+    calls.append(op)
+    rows = _tensor(op, "expanded_permuted_rows", expanded_permuted_rows)
+    _dtype(op, "expanded_permuted_rows", rows, _FLOATS)
+    drop_pad_mode = _int_arg(op, "drop_pad_mode", drop_pad_mode)
+    if drop_pad_mode in (1, 3):
+        raise _not_emulated(op, f"drop_pad_mode {drop_pad_mode} (drop pad)")
+    if drop_pad_mode not in (0, 2):
+        raise _fail(op, f"drop_pad_mode must be in [0, 3], got {drop_pad_mode}")
+    if rows.dim() != 2:
+        raise _fail(op, f"expanded_permuted_rows must be 2-D [NUM_ROWS * K, H], got shape {list(rows.shape)}")
+    if skip1 is None and skip2 is not None:
+        raise _fail(op, "skip2 must be None when skip1 is None")
+    for name, t in (("skip1", skip1), ("skip2", skip2), ("bias", bias), ("scales", scales)):
+        if t is not None:
+            _tensor(op, name, t)
+            if t.dtype != rows.dtype:
+                raise _fail(op, f"{name}'s dtype must be expanded_permuted_rows' ({rows.dtype}), got {t.dtype}")
+            if t.dim() != 2:
+                raise _fail(op, f"{name} must be 2-D, got shape {list(t.shape)}")
+    if scales is None:
+        raise _not_emulated(op, "scales=None (NUM_ROWS and K then come from other inputs)")
+    num_rows, k = scales.shape
+    h = rows.shape[1]
+    if rows.shape[0] != num_rows * k:
+        raise _fail(op, f"expanded_permuted_rows must have NUM_ROWS * K = {num_rows * k} rows, got {rows.shape[0]}")
+    src_to_dst = _tensor(op, "expanded_src_to_dst_row", expanded_src_to_dst_row)
+    _dtype(op, "expanded_src_to_dst_row", src_to_dst, (torch.int32,))
+    if src_to_dst.dim() != 1 or src_to_dst.shape[0] != num_rows * k:
+        raise _fail(
+            op, f"expanded_src_to_dst_row must be 1-D [NUM_ROWS * K = {num_rows * k}], got {list(src_to_dst.shape)}"
+        )
+    if src_to_dst.numel() and (src_to_dst.min() < 0 or src_to_dst.max() >= num_rows * k):
+        raise _fail(op, f"expanded_src_to_dst_row values must lie in [0, {num_rows * k - 1}]")
+    for name, t in (("skip1", skip1), ("skip2", skip2)):
+        if t is not None and list(t.shape) != [num_rows, h]:
+            raise _fail(op, f"{name} must have out's shape [{num_rows}, {h}], got {list(t.shape)}")
+    if export_for_source_row is not None:
+        _tensor(op, "export_for_source_row", export_for_source_row)
+        _dtype(op, "export_for_source_row", export_for_source_row, (torch.int32,))
+        if list(export_for_source_row.shape) != [num_rows, k]:
+            raise _fail(op, f"export_for_source_row must be [NUM_ROWS, K] = [{num_rows}, {k}]")
+    if bias is not None:
+        if export_for_source_row is None:
+            raise _fail(op, "bias needs export_for_source_row (the expert of each row)")
+        if bias.shape[1] != h:
+            raise _fail(op, f"bias must be [E, H = {h}], got {list(bias.shape)}")
+        if export_for_source_row.numel() and (
+            export_for_source_row.min() < 0 or export_for_source_row.max() >= bias.shape[0]
+        ):
+            raise _fail(op, f"export_for_source_row values must lie in [0, E - 1 = {bias.shape[0] - 1}]")
+    if drop_pad_mode == 0:
+        dst = src_to_dst.long().view(k, num_rows).t()  # [NUM_ROWS, K]: entry i + k * NUM_ROWS
+    else:
+        dst = src_to_dst.long().view(num_rows, k)  # entry i * K + k
+    gathered = rows.float()[dst]  # [NUM_ROWS, K, H]
+    if bias is not None:
+        gathered = gathered + bias.float()[export_for_source_row.long()]
+    out = (scales.float().unsqueeze(-1) * gathered).sum(dim=1)
+    for t in (skip1, skip2):
+        if t is not None:
+            out = out + t.float()
+    return out.to(rows.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
