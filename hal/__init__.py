@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from importlib.metadata import PackageNotFoundError, version
 
-from hal import errors, quant
+from hal import distributed, errors, quant
 from hal.backend import Backend, OpEntry
 from hal.hookspecs import hookimpl
 from hal.kvcache import PagedKVCache
@@ -50,6 +50,7 @@ __all__ = [
     "__version__",
     "backends",
     "default_registry",
+    "distributed",
     "errors",
     "get_backend",
     "hookimpl",

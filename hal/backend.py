@@ -24,7 +24,7 @@ import torch
 
 from hal.errors import BackendLoadError, OpNotImplementedError
 from hal.ops.catalogue import CATALOGUE, OpSpec
-from hal.types import BackendImpl, Capabilities, MemoryStats, Permutation, RouteResult
+from hal.types import BackendImpl, Capabilities, Dispatched, MemoryStats, Permutation, RouteResult
 
 if TYPE_CHECKING:
     from hal.registry import OpRegistration
@@ -226,6 +226,8 @@ class Backend:
     all_to_all: Callable[..., torch.Tensor]
     broadcast: Callable[..., torch.Tensor]
     barrier: Callable[..., None]
+    ep_dispatch: Callable[..., Dispatched]
+    ep_combine: Callable[..., torch.Tensor]
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ __all__ = [
     "BackendImpl",
     "BackendSpec",
     "Capabilities",
+    "DispatchHandle",
+    "Dispatched",
     "MemoryStats",
     "Permutation",
     "RouteResult",
@@ -178,3 +180,39 @@ class Permutation(NamedTuple):
     x: torch.Tensor
     offsets: torch.Tensor
     order: torch.Tensor
+
+
+class Dispatched(NamedTuple):
+    """``ep_dispatch``'s result on one rank: the token copies this rank's experts must process.
+
+    One received row per (source token, this rank) pair where the token selected at least one of this
+    rank's experts, ordered by source rank, then by source token index.
+
+    :ivar x: [R, H] the received token rows (x's dtype; fp8 travels as bytes where the transport lacks it).
+    :ivar x_scales: float32 [R, H / 128] the rows' FP8 scales when dispatched with ``x_scales``, else ``None``.
+    :ivar topk_ids: int64 [R, top_k] each row's selected experts as LOCAL ids (``global - rank * E_local``),
+        ``-1`` where the expert lives on another rank.
+    :ivar topk_weights: float32 [R, top_k] the matching weights, ``0`` where the expert is not local.
+    :ivar handle: what ``ep_combine`` needs to send results back (opaque; keep it until combine).
+    """
+
+    x: torch.Tensor
+    x_scales: torch.Tensor | None
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: DispatchHandle
+
+
+class DispatchHandle(NamedTuple):
+    """The routing of one ``ep_dispatch``, for its ``ep_combine``.
+
+    :ivar send_index: int64 [S] the source token of each row this rank sent, in send order.
+    :ivar send_counts: rows sent to each rank (length world_size).
+    :ivar recv_counts: rows received from each rank (length world_size).
+    :ivar num_tokens: T, this rank's tokens before dispatch.
+    """
+
+    send_index: torch.Tensor
+    send_counts: list[int]
+    recv_counts: list[int]
+    num_tokens: int

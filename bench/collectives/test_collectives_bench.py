@@ -3,9 +3,11 @@
 This process is rank 0 and times the calls with pytest-benchmark; rank 1 is spawned once for the
 module and makes the matching calls on command (:class:`hal.bench.collectives.Pair`). Payloads are the
 shape set's (``HAL_BENCH_SHAPES``, default per device): all_reduce of ``[tokens, hidden]`` activations,
-all_to_all of DeepEP's FP8 dispatch and bf16 combine rows. ``extra_info`` holds the bytes per call,
-algbw and busbw (nccl-tests' conventions) and, for HAL's op, its time over plain torch.distributed's
-on the same bytes (``all_reduce``, ``all_to_all_single``).
+all_to_all of DeepEP's FP8 dispatch and bf16 combine rows, and HAL's ``ep_dispatch`` (FP8) and
+``ep_combine`` (bf16) on the same shapes. ``extra_info`` holds the bytes per call (the anchors'
+formulas), algbw and busbw (nccl-tests' conventions) and, on the baseline, HAL's time over plain
+torch.distributed's on the same bytes (``all_reduce``, ``all_to_all_single``; for dispatch / combine
+the bytes the op really moves, with its splits: see :mod:`hal.bench.collectives`).
 
 Backends whose collectives are not gloo (nccl, hccl: one device per rank) are skipped: run those under
 torchrun. ``--benchmark-cprofile`` is not supported here (it adds calls rank 1 does not know of).
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 import hal
-from hal.bench.collectives import IMPLS, Pair, bandwidth, call, payload
+from hal.bench.collectives import IMPLS, Pair, bandwidth, call, nbytes, op_shapes, payload
 from hal.bench.shapes import ShapeSet, default_shape_set, shape_set
 
 pytestmark = pytest.mark.distributed
@@ -43,7 +45,7 @@ _SET = _shapes(hal.get_backend(os.environ.get("HAL_BACKEND", "cpu")).device.type
 PARAMS = [
     pytest.param(op, i, impl, id=f"{op}-{shape.id}-{impl}")
     for op in IMPLS
-    for i, shape in enumerate(_SET.shapes.get(op, ()))
+    for i, shape in enumerate(op_shapes(_SET, op))
     for impl in IMPLS[op]
 ]
 _hal: dict[tuple[str, int], float] = {}
@@ -64,8 +66,8 @@ def pair(backend: hal.Backend) -> Iterator[Pair]:
 def test_collective(benchmark: Any, pair: Pair, op: str, shape_index: int, impl: str) -> None:
     if benchmark.cprofile:
         pytest.skip("--benchmark-cprofile adds calls that rank 1 cannot match")
-    shape = _SET.shapes[op][shape_index]
-    t = payload(op, shape, _dtype(_SET), pair.backend.device)
+    shape = op_shapes(_SET, op)[shape_index]
+    t = payload(op, shape, _dtype(_SET), pair.backend.device, rank=0)
     inner = call(pair.backend, op, impl, t)
     calls = 0
 
@@ -74,7 +76,7 @@ def test_collective(benchmark: Any, pair: Pair, op: str, shape_index: int, impl:
         calls += 1
         inner()
 
-    size = t.numel() * t.element_size()
+    size = nbytes(t)
     rounds = 1 if benchmark.disabled else max(5, min(50, int(2e8 / max(size, 1))))
     warmup = 0 if benchmark.disabled else 2
     planned = rounds + warmup

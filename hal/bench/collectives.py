@@ -12,42 +12,159 @@ activations (zeros, so repeated in-place sums stay finite), and ``all_to_all`` o
 dispatch / combine rows as bytes (``tokens·top_k`` rows of ``hidden + hidden/128·4 + 16`` bytes for an
 FP8 dispatch, ``2·hidden`` for a bf16 combine), split evenly between the ranks.
 
+Expert parallelism's ``ep_dispatch`` (FP8 x with its scales) and ``ep_combine`` (bf16 rows) run on the
+same shapes (the ``all_to_all`` shapes of kind ``dispatch`` and ``combine``) with a random routing of
+every token to ``top_k`` of :data:`NUM_EXPERTS` experts, a deterministic function of the rank, so each
+rank knows every rank's routing without communicating (the combine's handle is built that way: the
+benchmark times the combine alone).
+
 Each is compared with plain ``torch.distributed`` moving the same bytes (``all_reduce`` in place,
-``all_to_all_single`` into a fresh output, as HAL's ``all_to_all`` returns one). Bandwidths are
-reported the way nccl-tests does: ``algbw = bytes / t`` and ``busbw = algbw · 2(n-1)/n`` for
-all-reduce, ``algbw · (n-1)/n`` for all-to-all.
+``all_to_all_single`` into a fresh output, as HAL's ``all_to_all`` returns one). For ``ep_dispatch`` and
+``ep_combine`` the baseline is one ``all_to_all_single`` of the bytes the op really moves, with the
+op's own per-rank splits (dispatch: one row per (token, destination rank) of x, scales, local ids and
+weights; combine: the received rows back), so the ratio is the overhead of the layer: the count
+exchange, routing, packing, the fp32 ``index_add_``. Bandwidths are reported the way nccl-tests does:
+``algbw = bytes / t`` and ``busbw = algbw · 2(n-1)/n`` for all-reduce, ``algbw · (n-1)/n`` for
+all-to-all; for ``ep_dispatch`` / ``ep_combine`` ``bytes`` is the anchors' formula (BENCHMARKS.md:
+``tokens·top_k`` selected experts of ``hidden + hidden/128·4 + 16`` bytes for an FP8 dispatch,
+``2·hidden`` for a bf16 combine), as DeepEP reports it, and ``wire_bytes`` what actually travels.
 """
 
 from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from hal.backend import Backend
-from hal.bench.shapes import Shape, shape_set
+from hal.bench.shapes import Shape, ShapeSet, shape_set
 from hal.errors import BenchError
+from hal.types import DispatchHandle
 
-__all__ = ["IMPLS", "WORLD", "Pair", "bandwidth", "call", "follower", "payload"]
+__all__ = [
+    "IMPLS",
+    "NUM_EXPERTS",
+    "WORLD",
+    "EpPayload",
+    "Pair",
+    "bandwidth",
+    "call",
+    "follower",
+    "nbytes",
+    "op_shapes",
+    "payload",
+]
 
 WORLD = 2
 #: The implementations timed per collective: HAL's op, and plain torch.distributed on the same bytes.
 IMPLS: dict[str, tuple[str, ...]] = {
     "all_reduce": ("hal", "torch.distributed.all_reduce"),
     "all_to_all": ("hal", "torch.distributed.all_to_all_single"),
+    "ep_dispatch": ("hal", "torch.distributed.all_to_all_single"),
+    "ep_combine": ("hal", "torch.distributed.all_to_all_single"),
 }
 _OPS = tuple(IMPLS)
 _TIMEOUT = datetime.timedelta(seconds=120)
+#: Routed experts of the expert-parallel benchmarks (DeepSeek-V3's 256), split evenly between the ranks.
+NUM_EXPERTS = 256
+_EP_KIND = {"ep_dispatch": "dispatch", "ep_combine": "combine"}
 
 
-def payload(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The tensor one rank contributes to ``op`` at ``shape``."""
+def op_shapes(shapes: ShapeSet, op: str) -> list[Shape]:
+    """The shapes of ``op`` in ``shapes``; ``ep_dispatch`` / ``ep_combine`` take the matching ``all_to_all`` ones."""
+    if op in _EP_KIND:
+        return [s for s in shapes.shapes.get("all_to_all", ()) if s.params.get("kind") == _EP_KIND[op]]
+    return list(shapes.shapes.get(op, ()))
+
+
+@dataclass
+class EpPayload:
+    """One rank's inputs of an ``ep_dispatch`` or ``ep_combine`` benchmark, and its baseline's.
+
+    :ivar x: FP8 [T, H] tokens (dispatch).
+    :ivar x_scales: float32 [T, H / 128] their scales (dispatch).
+    :ivar topk_ids: int64 [T, top_k] the routing (dispatch).
+    :ivar topk_weights: float32 [T, top_k] (dispatch).
+    :ivar y: bf16 [R, H] the received rows' results (combine).
+    :ivar handle: the dispatch's handle, built locally from every rank's routing (combine).
+    :ivar wire: uint8 rows of the bytes the op moves, for the plain ``all_to_all_single`` baseline.
+    :ivar wire_send: rows of ``wire`` sent to each rank.
+    :ivar wire_recv: rows received from each rank.
+    :ivar formula_bytes: the anchors' bytes (``tokens·top_k·row_bytes``).
+    """
+
+    x: torch.Tensor
+    x_scales: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    y: torch.Tensor
+    handle: DispatchHandle
+    wire: torch.Tensor
+    wire_send: list[int]
+    wire_recv: list[int]
+    formula_bytes: int
+
+
+def _routing(rank: int, tokens: int, top_k: int) -> torch.Tensor:
+    """Rank ``rank``'s routing: ``top_k`` distinct random experts per token (the same in every process)."""
+    g = torch.Generator().manual_seed(rank)
+    return torch.rand(tokens, NUM_EXPERTS, generator=g).argsort(dim=1)[:, :top_k]
+
+
+def _goes(ids: torch.Tensor) -> torch.Tensor:
+    """[WORLD, T] bool: token t is sent to rank r (it selected one of r's experts)."""
+    owner = ids // (NUM_EXPERTS // WORLD)
+    return torch.stack([(owner == r).any(dim=1) for r in range(WORLD)])
+
+
+def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPayload:
     p = shape.params
+    tokens, hidden, top_k = p["t"], p["h"], p["top_k"]
+    goes = [_goes(_routing(r, tokens, top_k)) for r in range(WORLD)]
+    ids = _routing(rank, tokens, top_k)
+    send_index = goes[rank].nonzero(as_tuple=True)[1]
+    send = [int(n) for n in goes[rank].sum(dim=1).tolist()]
+    recv = [int(goes[src][rank].sum()) for src in range(WORLD)]
+    handle = DispatchHandle(send_index.to(device), send, recv, tokens)
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(tokens, hidden, generator=g).to(torch.float8_e4m3fn)
+    scales = torch.rand(tokens, hidden // 128, generator=g)
+    weights = torch.rand(tokens, top_k, generator=g)
+    y = torch.zeros(sum(recv), hidden, dtype=torch.bfloat16)
+    if op == "ep_dispatch":
+        # Per (token, destination) row: fp8 x, fp32 scales, int64 local ids, fp32 weights.
+        row = hidden + hidden // 128 * 4 + top_k * 12
+        wire = torch.zeros(sum(send), row, dtype=torch.uint8)
+        wire_send, wire_recv = send, recv
+    else:
+        wire = torch.zeros(sum(recv), 2 * hidden, dtype=torch.uint8)
+        wire_send, wire_recv = recv, send
+    return EpPayload(
+        x=x.to(device),
+        x_scales=scales.to(device),
+        topk_ids=ids.to(device),
+        topk_weights=weights.to(device),
+        y=y.to(device),
+        handle=handle,
+        wire=wire.to(device),
+        wire_send=wire_send,
+        wire_recv=wire_recv,
+        formula_bytes=tokens * top_k * p["row_bytes"],
+    )
+
+
+def payload(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = 0) -> Any:
+    """What rank ``rank`` contributes to ``op`` at ``shape``: a tensor, or an :class:`EpPayload`."""
+    p = shape.params
+    if op in _EP_KIND:
+        return _ep_payload(op, shape, device, rank)
     if op == "all_reduce":
         return torch.zeros(p["t"], p["h"], dtype=dtype, device=device)
     if op == "all_to_all":
@@ -57,8 +174,25 @@ def payload(op: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> 
     raise BenchError(f"no collective benchmark for {op!r}; known: {', '.join(_OPS)}")
 
 
-def call(backend: Backend, op: str, impl: str, t: torch.Tensor) -> Callable[[], Any]:
-    """A no-argument call of ``op`` on ``t`` through ``impl`` (``"hal"`` or the plain torch.distributed one)."""
+def _ep_call(backend: Backend, op: str, impl: str, c: EpPayload) -> Callable[[], Any]:
+    if impl == "hal":
+        fn = backend.op(op)
+        if op == "ep_dispatch":
+            return lambda: fn(c.x, c.topk_ids, c.topk_weights, num_experts=NUM_EXPERTS, x_scales=c.x_scales)
+        return lambda: fn(c.y, c.handle)
+
+    def all_to_all_single() -> torch.Tensor:
+        out = c.wire.new_empty(sum(c.wire_recv), c.wire.shape[1])
+        dist.all_to_all_single(out, c.wire, output_split_sizes=c.wire_recv, input_split_sizes=c.wire_send)
+        return out
+
+    return all_to_all_single
+
+
+def call(backend: Backend, op: str, impl: str, t: Any) -> Callable[[], Any]:
+    """A no-argument call of ``op`` on ``t`` (a :func:`payload`) through ``impl``: ``"hal"`` or plain torch."""
+    if isinstance(t, EpPayload):
+        return _ep_call(backend, op, impl, t)
     if impl == "hal":
         fn = backend.op(op)
         return lambda: fn(t)
@@ -74,12 +208,26 @@ def call(backend: Backend, op: str, impl: str, t: torch.Tensor) -> Callable[[], 
     return all_to_all_single
 
 
-def bandwidth(op: str, t: torch.Tensor, seconds: float) -> dict[str, float]:
-    """``bytes``, ``algbw_gbps`` and ``busbw_gbps`` (nccl-tests' conventions) of one call taking ``seconds``."""
-    size = t.numel() * t.element_size()
+def nbytes(t: Any) -> int:
+    """The bytes one call moves by the anchors' formulas: the tensor's, or an :class:`EpPayload`'s formula bytes."""
+    if isinstance(t, EpPayload):
+        return t.formula_bytes
+    return int(t.numel() * t.element_size())
+
+
+def bandwidth(op: str, t: Any, seconds: float) -> dict[str, float]:
+    """``bytes``, ``algbw_gbps`` and ``busbw_gbps`` (nccl-tests' conventions) of one call taking ``seconds``.
+
+    For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends) and its rate.
+    """
+    size = nbytes(t)
     alg = size / seconds / 1e9
     factor = 2 * (WORLD - 1) / WORLD if op == "all_reduce" else (WORLD - 1) / WORLD
-    return {"bytes": float(size), "algbw_gbps": alg, "busbw_gbps": alg * factor}
+    out = {"bytes": float(size), "algbw_gbps": alg, "busbw_gbps": alg * factor}
+    if isinstance(t, EpPayload):
+        wire = t.wire.numel() * t.wire.element_size()
+        out.update({"wire_bytes": float(wire), "wire_gbps": wire / seconds / 1e9})
+    return out
 
 
 def _free_port() -> int:
@@ -88,10 +236,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _threads_per_rank() -> int:
+    """Both ranks share this host's cores: each gets its share of intra-op threads (oversubscribed OpenMP
+    threads spin against the other rank and make the ops' host work many times slower)."""
+    return max(1, (os.cpu_count() or 1) // WORLD)
+
+
 def follower(port: int, backend_name: str, shapes_name: str, dtype_name: str) -> None:
     """Rank 1: join the group, then make the calls rank 0 announces until told to stop."""
     import hal
 
+    torch.set_num_threads(_threads_per_rank())
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=WORLD, timeout=_TIMEOUT)
     try:
         backend = hal.get_backend(backend_name)
@@ -104,7 +259,7 @@ def follower(port: int, backend_name: str, shapes_name: str, dtype_name: str) ->
             if op_i < 0:
                 break
             op = _OPS[op_i]
-            t = payload(op, shapes.shapes[op][shape_i], dtype, backend.device)
+            t = payload(op, op_shapes(shapes, op)[shape_i], dtype, backend.device, rank=1)
             fn = call(backend, op, IMPLS[op][impl_i], t)
             for _ in range(calls):
                 fn()
@@ -129,6 +284,8 @@ class Pair:
         if dist.is_initialized():
             raise BenchError("a torch.distributed process group already exists in this process")
         self.backend = backend
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(_threads_per_rank())
         port = _free_port()
         ctx = multiprocessing.get_context("spawn")
         self._proc = ctx.Process(
@@ -151,6 +308,7 @@ class Pair:
                 dist.broadcast(torch.tensor([-1, 0, 0, 0], dtype=torch.int64), src=0)
                 dist.destroy_process_group()
         finally:
+            torch.set_num_threads(self._threads)
             self._proc.join(30)
             if self._proc.is_alive():
                 self._proc.terminate()

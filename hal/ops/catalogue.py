@@ -33,7 +33,7 @@ import torch
 
 from hal.errors import CollectiveError, LayoutError, OpInputError, ShapeError
 from hal.ops import _validate as _v
-from hal.types import MemoryStats, Permutation, RouteResult
+from hal.types import Dispatched, DispatchHandle, MemoryStats, Permutation, RouteResult
 
 __all__ = ["BLOCK", "CATALOGUE", "KV_BLOCK_SIZE", "OPS", "OpSpec", "op_spec"]
 
@@ -933,6 +933,83 @@ def barrier(*, group: Any = None) -> None:
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise CollectiveError("barrier: no torch.distributed process group; call init_process_group first")
     return _impl(group=group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Expert parallelism (DeepEP's normal mode: dispatch, local experts, combine)
+# ---------------------------------------------------------------------------------------------------
+
+
+@_op("collective")
+def ep_dispatch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    num_experts: int,
+    x_scales: torch.Tensor | None = None,
+    group: Any = None,
+) -> Dispatched:
+    """Send each token to every rank that owns one of its selected experts (expert parallelism).
+
+    Routed experts are split across the ``world_size`` ranks of ``group`` in equal contiguous ranges:
+    rank ``r`` owns experts ``[r * E / world, (r + 1) * E / world)``. A token goes once to each rank
+    owning at least one of its experts (uneven counts; a rank may receive nothing). The receiving rank
+    runs its local experts on the rows and sums them weighted by ``topk_weights`` (0 for non-local
+    experts), then ``ep_combine`` brings each row back to its token and sums over ranks.
+
+    :param x: float32 | bfloat16 | float16 | float8 [T, H], this rank's tokens.
+    :param topk_ids: int32 | int64 [T, top_k], global expert ids in ``[0, num_experts)``.
+    :param topk_weights: float32 [T, top_k].
+    :param num_experts: E, a multiple of the group's size.
+    :param x_scales: float32 [T, H / 128], x's FP8 scales (from ``quantize_fp8``) to send along; ``None``
+        when x is not FP8.
+    :param group: process group; ``None`` means the world.
+    :returns: :class:`hal.types.Dispatched` ``(x, x_scales, topk_ids, topk_weights, handle)``.
+    """
+    op = "ep_dispatch"
+    _check_collective_tensor(op, x)
+    _v.rank(op, "x", x, 2, "[T, H]")
+    _v.dtype(op, "x", x, _v.FLOATS + _v.FP8S)
+    _v.rank(op, "topk_ids", topk_ids, 2, "[T, top_k]")
+    _v.dtype(op, "topk_ids", topk_ids, _v.INDICES)
+    _v.size(op, "topk_ids", topk_ids, 0, x.shape[0], "T of x")
+    _v.shape(op, "topk_weights", topk_weights, list(topk_ids.shape), "[T, top_k] like topk_ids")
+    _v.dtype(op, "topk_weights", topk_weights, (torch.float32,))
+    _v.positive_int(op, "num_experts", num_experts)
+    world = torch.distributed.get_world_size(group)
+    if num_experts % world:
+        raise OpInputError(op, "num_experts", f"must be a multiple of the group's {world} ranks, got {num_experts}")
+    if x.dtype in _v.FP8S:
+        if x_scales is None:
+            raise OpInputError(op, "x_scales", f"an FP8 x ({x.dtype}) needs its float32 scales [T, H / 128]")
+        _v.shape(op, "x_scales", x_scales, [x.shape[0], _v.cdiv(x.shape[1], BLOCK)], "[T, ceil(H / 128)]")
+        _v.dtype(op, "x_scales", x_scales, (torch.float32,))
+    elif x_scales is not None:
+        raise OpInputError(op, "x_scales", f"scales go with an FP8 x only; x is {x.dtype}")
+    _v.values_in(op, "topk_ids", topk_ids, 0, num_experts, f"global expert ids, num_experts = {num_experts}")
+    return _impl(x, topk_ids, topk_weights, num_experts=num_experts, x_scales=x_scales, group=group)
+
+
+@_op("collective")
+def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) -> torch.Tensor:
+    """Send every dispatched row's result back to its source rank and sum over ranks per token.
+
+    :param y: float32 | bfloat16 | float16 [R, H], the received rows' results in ``ep_dispatch``'s order
+        (already weighted by the local experts' ``topk_weights``).
+    :param handle: ``ep_dispatch``'s ``handle``.
+    :param group: the process group of the dispatch.
+    :returns: y's dtype [T, H], each token's sum over the ranks it was sent to (zero for a token sent
+        nowhere).
+    """
+    op = "ep_combine"
+    _check_collective_tensor(op, y)
+    _v.rank(op, "y", y, 2, "[R, H]")
+    _v.dtype(op, "y", y, _v.FLOATS)
+    if not isinstance(handle, DispatchHandle):
+        raise OpInputError(op, "handle", f"expected ep_dispatch's DispatchHandle, got {type(handle).__name__}")
+    _v.size(op, "y", y, 0, sum(handle.recv_counts), "rows received by the dispatch")
+    return _impl(y, handle, group=group)
 
 
 #: Every op name, in catalogue order.

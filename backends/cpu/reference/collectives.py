@@ -13,8 +13,14 @@ These are the fallback of every backend, so they use only what every torch.distr
   all-reduce of a copy and take this rank's chunk, which is what gloo does internally anyway.
 - Transports need contiguous buffers; a non-contiguous in-place argument is reduced or received in a
   contiguous copy that is copied back into it.
+- Expert parallelism (``ep_dispatch`` / ``ep_combine``, DeepEP's normal mode) is built from the same
+  pieces: one ``all_to_all_single`` of the per-rank row counts (read on the host for the splits), then
+  one ``all_to_all_single`` of the rows packed as bytes (x, its scales, the local expert ids and the
+  weights side by side in one ``uint8`` row), so a dispatch costs two collectives whatever it carries.
 
-Inputs are validated by :mod:`hal.ops.catalogue` before these run.
+Inputs are validated by :mod:`hal.ops.catalogue` before these run. A transport failure (a peer that
+exited, a collective that stalled past the process group's timeout) is raised as
+:class:`hal.errors.CollectiveError` naming the collective and this rank (:func:`hal.distributed.collective_guard`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather", "all_reduce", "all_to_all", "barrier", "broadcast", "reduce_scatter"]
+from hal.distributed import collective_guard
+from hal.types import Dispatched, DispatchHandle
+
+__all__ = [
+    "all_gather",
+    "all_reduce",
+    "all_to_all",
+    "barrier",
+    "broadcast",
+    "ep_combine",
+    "ep_dispatch",
+    "reduce_scatter",
+]
 
 # "avg" is absent on purpose: it is a SUM followed by a division (see the module docstring).
 _REDUCE_OPS: dict[str, Any] = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -59,6 +77,7 @@ def _finish_avg(t: torch.Tensor, op: str, group: Any) -> None:
         t.div_(world, rounding_mode="trunc")
 
 
+@collective_guard("all_reduce")
 def all_reduce(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.Tensor:
     """Reduce ``t`` across the ranks of ``group``, in place; see :func:`hal.ops.catalogue.all_reduce`."""
     buf = t if t.is_contiguous() else t.contiguous()
@@ -69,6 +88,7 @@ def all_reduce(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.
     return t
 
 
+@collective_guard("all_gather")
 def all_gather(t: torch.Tensor, *, group: Any = None) -> torch.Tensor:
     """Concatenate every rank's ``t`` along dim 0; see :func:`hal.ops.catalogue.all_gather`."""
     world = dist.get_world_size(group)
@@ -77,6 +97,7 @@ def all_gather(t: torch.Tensor, *, group: Any = None) -> torch.Tensor:
     return out
 
 
+@collective_guard("reduce_scatter")
 def reduce_scatter(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.Tensor:
     """Reduce ``t`` across ranks and keep this rank's chunk; see :func:`hal.ops.catalogue.reduce_scatter`.
 
@@ -94,6 +115,7 @@ def reduce_scatter(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> to
     return out
 
 
+@collective_guard("all_to_all")
 def all_to_all(
     t: torch.Tensor,
     *,
@@ -115,6 +137,7 @@ def all_to_all(
     return out
 
 
+@collective_guard("broadcast")
 def broadcast(t: torch.Tensor, *, src: int = 0, group: Any = None) -> torch.Tensor:
     """Copy rank ``src``'s ``t`` into every rank's ``t``, in place; see :func:`hal.ops.catalogue.broadcast`."""
     buf = t if t.is_contiguous() else t.contiguous()
@@ -124,6 +147,105 @@ def broadcast(t: torch.Tensor, *, src: int = 0, group: Any = None) -> torch.Tens
     return t
 
 
+@collective_guard("barrier")
 def barrier(*, group: Any = None) -> None:
     """Wait until every rank of ``group`` has reached the barrier; see :func:`hal.ops.catalogue.barrier`."""
     dist.barrier(group=group)
+
+
+# -- expert parallelism ------------------------------------------------------------------------------
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous 2-D ``[n, m]`` tensor as ``[n, m * itemsize]`` bytes."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _unbytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`_bytes`: ``[n, m * itemsize]`` bytes (a column slice is fine) as ``dtype``."""
+    if b.shape[0] == 0:  # an empty slice keeps the packed row's stride, which view() may refuse
+        return torch.empty(0, b.shape[1] // dtype.itemsize, dtype=dtype, device=b.device)
+    return b.contiguous().view(dtype)
+
+
+def _exchange_counts(send_counts: torch.Tensor, group: Any) -> list[int]:
+    """Rows this rank receives from each rank, given the rows it sends to each (``[world]`` int64)."""
+    recv = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv, send_counts, group=group)
+    return [int(c) for c in recv.tolist()]
+
+
+@collective_guard("ep_dispatch")
+def ep_dispatch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    *,
+    num_experts: int,
+    x_scales: torch.Tensor | None = None,
+    group: Any = None,
+) -> Dispatched:
+    """Send each token once to every rank owning one of its experts; see :func:`hal.ops.catalogue.ep_dispatch`.
+
+    The rows sent to a rank are ordered by token index, and ``all_to_all_single`` concatenates what
+    arrives in source-rank order, which gives ``Dispatched``'s order (source rank, then source token).
+    Each row travels as one byte row ``[x | x_scales | local ids | weights]``.
+    """
+    world = dist.get_world_size(group)
+    local = num_experts // world
+    num_tokens, top_k = topk_ids.shape
+    ids = topk_ids.to(torch.int64)
+    owner = ids // local  # [T, top_k] the rank owning each selected expert
+    # goes[r, t]: token t goes to rank r (once, however many of r's experts it selected).
+    goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=x.device)
+    goes[owner.reshape(-1), torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)] = True
+    dst, send_index = goes.nonzero(as_tuple=True)  # row-major: by destination rank, then token
+    send_counts = goes.sum(dim=1)
+    recv_counts = _exchange_counts(send_counts, group)
+
+    # What the destination sees: its local ids (-1 for another rank's expert) and weights (0 there).
+    mine = owner[send_index] == dst[:, None]
+    send_ids = torch.where(mine, ids[send_index] - dst[:, None] * local, -1)
+    send_w = torch.where(mine, topk_weights[send_index], 0.0)
+    parts = [x[send_index], send_ids, send_w.to(torch.float32)]
+    if x_scales is not None:
+        parts.insert(1, x_scales[send_index].to(torch.float32))
+    packed = [_bytes(p) for p in parts]
+    widths = [p.shape[1] for p in packed]
+    send = torch.cat(packed, dim=1)
+    recv = torch.empty(sum(recv_counts), send.shape[1], dtype=torch.uint8, device=x.device)
+    dist.all_to_all_single(
+        recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts.tolist(), group=group
+    )
+    cols = recv.split(widths, dim=1)
+    got_x = _unbytes(cols[0], x.dtype)
+    got_scales = _unbytes(cols[1], torch.float32) if x_scales is not None else None
+    got_ids = _unbytes(cols[-2], torch.int64)
+    got_w = _unbytes(cols[-1], torch.float32)
+    handle = DispatchHandle(
+        send_index=send_index,
+        send_counts=[int(c) for c in send_counts.tolist()],
+        recv_counts=recv_counts,
+        num_tokens=num_tokens,
+    )
+    return Dispatched(got_x, got_scales, got_ids, got_w, handle)
+
+
+@collective_guard("ep_combine")
+def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) -> torch.Tensor:
+    """Send every received row's result back and sum per token; see :func:`hal.ops.catalogue.ep_combine`.
+
+    The reverse of the dispatch's exchange (splits swapped), then an fp32 ``index_add_`` of the rows
+    into their tokens, returned in y's dtype.
+    """
+    back = torch.empty(sum(handle.send_counts), y.shape[1], dtype=y.dtype, device=y.device)
+    dist.all_to_all_single(
+        _bytes(back),
+        _bytes(y),
+        output_split_sizes=list(handle.send_counts),
+        input_split_sizes=list(handle.recv_counts),
+        group=group,
+    )
+    out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
+    out.index_add_(0, handle.send_index.to(device=y.device), back.to(torch.float32))
+    return out.to(y.dtype)

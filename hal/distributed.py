@@ -1,0 +1,261 @@
+"""Running HAL on several processes: the process group from torchrun's environment, and failure handling.
+
+Typical use, in a script started by ``torchrun --nproc-per-node N script.py``::
+
+    import hal
+    import hal.distributed
+
+    info = hal.distributed.init()          # HAL_BACKEND's (or the default) backend's dist_backend
+    t = hal.get_backend().all_reduce(t)    # any collective op, over the default process group
+    hal.distributed.shutdown()
+
+:func:`init` reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (which
+torchrun sets), binds the process to device ``LOCAL_RANK`` for device backends (CUDA, NPU; never for
+CPU/gloo) and starts the default process group with the backend's ``capabilities.dist_backend``
+(``gloo``, ``nccl``, ``hccl``) and a timeout (``timeout_s``, else ``HAL_DIST_TIMEOUT`` seconds, else
+120 s).
+
+Failure: the timeout is what the transport waits for a peer before it fails the collective. A peer
+that exits shows up on gloo at once as a connection reset; a peer that stalls shows up after the
+timeout. :func:`collective_guard` turns either into a :class:`hal.errors.CollectiveError` naming the
+collective, this rank and the timeout, so no rank hangs and every message says what happened.
+
+Importing this module has no side effects: nothing touches ``torch.distributed`` or a device until
+:func:`init` is called.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from hal.errors import CollectiveError, OpInputError
+
+if TYPE_CHECKING:
+    from hal.backend import Backend
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ENV_VARS",
+    "TIMEOUT_ENV",
+    "DistInfo",
+    "collective_guard",
+    "info",
+    "init",
+    "shutdown",
+]
+
+#: Seconds a collective waits for its peers when neither ``timeout_s`` nor ``HAL_DIST_TIMEOUT`` says.
+DEFAULT_TIMEOUT_S = 120.0
+#: The environment variable giving the collective timeout in seconds.
+TIMEOUT_ENV = "HAL_DIST_TIMEOUT"
+#: The variables torchrun sets that :func:`init` needs.
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# Errors a torch.distributed transport raises when a peer is gone or late. DistBackendError (and its
+# subclasses) derive from RuntimeError; it is named for clarity where this torch has it.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {RuntimeError, TimeoutError, *([dist.DistBackendError] if hasattr(dist, "DistBackendError") else [])}
+)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job, as :func:`init` set it up.
+
+    :param rank: this process's global rank.
+    :param world_size: the number of processes.
+    :param local_rank: this process's rank on its node (the device index it is bound to).
+    :param backend: the HAL backend's name (``"cpu"``, ``"nvidia"``).
+    :param dist_backend: the torch.distributed backend (``"gloo"``, ``"nccl"``, ``"hccl"``).
+    :param timeout_s: seconds a collective waits for its peers before it fails.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    dist_backend: str
+    timeout_s: float
+
+
+_lock = threading.Lock()
+_info: DistInfo | None = None
+
+
+def _resolve_timeout(timeout_s: float | None) -> float:
+    """``timeout_s``, else ``HAL_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`; positive and finite."""
+    if timeout_s is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TIMEOUT_S
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise OpInputError("distributed.init", TIMEOUT_ENV, f"expected a number of seconds, got {raw!r}") from None
+        arg = TIMEOUT_ENV
+    else:
+        arg = "timeout_s"
+    if not (0 < timeout_s < float("inf")):
+        raise OpInputError("distributed.init", arg, f"expected a positive number of seconds, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def _read_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, checked."""
+    missing = [name for name in ENV_VARS if not os.environ.get(name)]
+    if missing:
+        raise CollectiveError(
+            f"distributed.init: the environment lacks {', '.join(missing)}; launch with torchrun "
+            "(torchrun --nproc-per-node N script.py), which sets " + ", ".join(ENV_VARS)
+        )
+    values: dict[str, int] = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        raw = os.environ[name]
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            raise CollectiveError(f"distributed.init: {name} must be an integer, got {raw!r}") from None
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise CollectiveError(
+            f"distributed.init: inconsistent environment RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}"
+        )
+    return rank, world, local
+
+
+def _bind_device(device_type: str, local_rank: int) -> None:
+    """Make device ``local_rank`` current for CUDA/NPU backends; nothing for the CPU."""
+    if device_type == "cpu":
+        return
+    module = getattr(torch, device_type, None)  # torch.cuda; torch.npu once torch_npu is imported
+    set_device = getattr(module, "set_device", None)
+    if set_device is None:
+        raise CollectiveError(
+            f"distributed.init: torch has no {device_type}.set_device to bind local rank {local_rank}"
+        )
+    set_device(local_rank)
+
+
+def init(backend: Backend | None = None, *, timeout_s: float | None = None) -> DistInfo:
+    """Start the default process group from torchrun's environment, once.
+
+    :param backend: the HAL backend whose ``capabilities.dist_backend`` carries the collectives;
+        ``None`` means :func:`hal.get_backend` (``HAL_BACKEND``, else the best available one).
+    :param timeout_s: seconds a collective (and the start-up rendezvous) waits for its peers before
+        failing; ``None`` means ``HAL_DIST_TIMEOUT``, else 120.
+    :returns: this process's :class:`DistInfo`. A second call with the same settings returns the same one.
+    :raises hal.errors.CollectiveError: torchrun's variables are missing or inconsistent, a process group
+        exists already (made elsewhere, or by an earlier call with other settings), or the rendezvous failed.
+    :raises hal.errors.OpInputError: the timeout is not a positive number.
+    """
+    global _info
+    if backend is None:
+        import hal  # here, not at import: hal imports this module
+
+        backend = hal.get_backend()
+    timeout = _resolve_timeout(timeout_s)
+    rank, world, local = _read_env()
+    want = DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        backend=backend.name,
+        dist_backend=backend.capabilities.dist_backend,
+        timeout_s=timeout,
+    )
+    with _lock:
+        if _info is not None and dist.is_initialized():
+            if _info != want:
+                raise CollectiveError(
+                    f"distributed.init: already initialized as {_info}, now asked for {want}; "
+                    "call hal.distributed.shutdown() first"
+                )
+            return _info
+        if not dist.is_available():
+            raise CollectiveError("distributed.init: this torch build has no torch.distributed")
+        if dist.is_initialized():
+            raise CollectiveError(
+                "distributed.init: a torch.distributed process group exists that hal.distributed.init did not "
+                "start; destroy it first (torch.distributed.destroy_process_group)"
+            )
+        _bind_device(backend.capabilities.device_type, local)
+        with collective_guard("init_process_group", timeout_s=timeout):
+            dist.init_process_group(
+                want.dist_backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
+        _info = want
+        return want
+
+
+def info() -> DistInfo | None:
+    """The :class:`DistInfo` of the running :func:`init`, or ``None`` when it has not run (or was shut down)."""
+    return _info if _info is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def shutdown() -> None:
+    """Destroy the default process group (whoever started it); does nothing when there is none."""
+    global _info
+    with _lock:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        _info = None
+
+
+def _where(group: Any) -> str:
+    """``rank R of W`` for the current process in ``group``, or ``rank ?`` when no group is up."""
+    try:
+        if dist.is_available() and dist.is_initialized():
+            return f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}"
+    except (RuntimeError, ValueError):  # a group this process is not part of, or one already torn down
+        pass
+    if _info is not None:
+        return f"rank {_info.rank} of {_info.world_size}"
+    return "rank ? of ?"
+
+
+@contextmanager
+def collective_guard(op: str, *, group: Any = None, timeout_s: float | None = None) -> Iterator[None]:
+    """Turn a transport failure inside the block into a :class:`~hal.errors.CollectiveError`.
+
+    Usable as ``with collective_guard("all_reduce"):`` or as a decorator ``@collective_guard("all_reduce")``.
+    A ``RuntimeError`` (``torch.distributed.DistBackendError`` included) or ``TimeoutError`` raised in the
+    block becomes ``CollectiveError("all_reduce: rank 0 of 2: <reason>; a peer may have exited or stalled
+    (timeout 120 s)")``, chained from the original. A ``CollectiveError`` passes through unchanged, so
+    guards nest.
+
+    :param op: the collective's name, as the message should show it.
+    :param group: the process group the collective runs on (for the rank shown); ``None`` means the world.
+    :param timeout_s: the timeout to report; ``None`` means the one :func:`init` set, else the configured one.
+    """
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except _TRANSPORT_ERRORS as e:
+        if timeout_s is None:
+            timeout_s = _info.timeout_s if _info is not None else _configured_timeout()
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveError(
+            f"{op}: {_where(group)}: {reason}; a peer may have exited or stalled (timeout {timeout_s:g} s)"
+        ) from e
+
+
+def _configured_timeout() -> float:
+    """The timeout :func:`init` would use without an argument (the default when the variable is bad)."""
+    try:
+        return _resolve_timeout(None)
+    except OpInputError:
+        return DEFAULT_TIMEOUT_S

@@ -1,0 +1,284 @@
+"""Tests of the reference expert-parallel ops (``ep_dispatch`` / ``ep_combine``) over gloo with 2 processes.
+
+As in ``test_collectives.py``, one 2-process job runs every check (``_CHECKS``) and writes each rank's
+verdicts to a file; each test asserts one check's verdict on both ranks. Every rank's tokens and routing
+are a deterministic function of the rank, so each rank can compute the whole single-process MoE,
+``out[t] = Σ_j w[t, j] · f_{ids[t, j]}(x[t])``, on its own and compare it with
+dispatch → local experts → combine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hal.errors import CollectiveError
+from hal.ops import catalogue
+from hal.types import Dispatched, DispatchHandle
+from hal_cpu.reference import collectives as ref
+
+WORLD = 2
+JOIN_TIMEOUT_S = 120.0
+FP8 = torch.float8_e4m3fn
+
+#: The routing of one rank: (x [T, H], topk_ids [T, K], topk_weights [T, K]).
+Routing = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _random_routing(rank: int, tokens: int, hidden: int, top_k: int, experts: int, seed: int = 0) -> Routing:
+    """Rank ``rank``'s tokens and a random routing to ``top_k`` distinct of ``experts`` experts."""
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    x = torch.randn(tokens, hidden, generator=g)
+    ids = torch.rand(tokens, experts, generator=g).argsort(dim=1)[:, :top_k]
+    w = torch.rand(tokens, top_k, generator=g)
+    return x, ids, w
+
+
+def _weights(experts: int, hidden: int) -> torch.Tensor:
+    """Expert e's small matrix: f_e(x) = x @ W[e]."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(experts, hidden, hidden, generator=g) / hidden**0.5
+
+
+def _moe(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, mats: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """``Σ_j w_j · (x @ mats[ids_j - first])`` per row, skipping ids outside ``[first, first + len(mats))``.
+
+    Vectorized per expert: the weight each row gives expert e is ``Σ_j w_j · [ids_j == e]``.
+    """
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32)
+    for e in range(mats.shape[0]):
+        coef = (w * (ids == first + e)).sum(dim=1)
+        out += coef[:, None] * (x.float() @ mats[e])
+    return out
+
+
+def _check_moe(rank: int, routings: list[Routing], experts: int) -> Dispatched:
+    """Dispatch this rank's routing, run the local experts, combine, and compare with one process."""
+    x, ids, w = routings[rank]
+    mats = _weights(experts, x.shape[1])
+    local = experts // WORLD
+    d = ref.ep_dispatch(x, ids, w, num_experts=experts)
+    # The local experts see local ids (-1: another rank's) and weights (0 there).
+    y = _moe(d.x, d.topk_ids, d.topk_weights, mats[rank * local : (rank + 1) * local])
+    out = ref.ep_combine(y, d.handle)
+    want = _moe(x, ids, w, mats)
+    assert out.dtype == x.dtype and out.shape == x.shape, (out.dtype, out.shape)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    _check_received(rank, routings, experts, d)
+    return d
+
+
+def _check_received(rank: int, routings: list[Routing], experts: int, d: Dispatched) -> None:
+    """The received rows are exactly the tokens that selected this rank's experts, in (source rank, token)
+    order, with local ids and the matching weights."""
+    local = experts // WORLD
+    xs, idss, ws = [], [], []
+    for x, ids, w in routings:
+        mine = ids // local == rank
+        sel = mine.any(dim=1)
+        xs.append(x[sel])
+        idss.append(torch.where(mine, ids - rank * local, -1)[sel])
+        ws.append(torch.where(mine, w, 0.0)[sel])
+    _same(d.x, torch.cat(xs))
+    _same(d.topk_ids, torch.cat(idss).long())
+    _same(d.topk_weights, torch.cat(ws))
+    assert d.handle.recv_counts == [len(t) for t in xs], d.handle.recv_counts
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bitwise equality (fp8 compared as bytes)."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        raise AssertionError(f"got {got.dtype} {list(got.shape)}, want {want.dtype} {list(want.shape)}")
+    if want.dtype.itemsize == 1 and want.dtype.is_floating_point:
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    if not torch.equal(got, want):
+        raise AssertionError(f"values differ:\ngot  {got}\nwant {want}")
+
+
+# -- the checks: each runs on every rank, raises on a mismatch ---------------------------------------
+
+
+def check_random_routings(rank: int) -> None:
+    for seed, (tokens, top_k, experts) in enumerate([(13, 2, 4), (32, 4, 8), (7, 1, 2), (20, 3, 6)]):
+        routings = [_random_routing(r, tokens + 5 * r, 16, top_k, experts, seed) for r in range(WORLD)]
+        _check_moe(rank, routings, experts)
+
+
+def check_int32_ids_and_bf16(rank: int) -> None:
+    routings = []
+    for r in range(WORLD):
+        x, ids, w = _random_routing(r, 11, 16, 2, 4, seed=9)
+        routings.append((x, ids.int(), w))
+    x, ids, w = routings[rank]
+    d = ref.ep_dispatch(x.bfloat16(), ids, w, num_experts=4)
+    assert d.x.dtype == torch.bfloat16 and d.topk_ids.dtype == torch.int64
+    y = d.x * 3  # f = 3·x for every expert, weight ignored: each token comes back once per rank it went to
+    out = ref.ep_combine(y, d.handle)
+    ranks = ids.long() // 2
+    n_ranks = torch.stack([(ranks == r).any(dim=1) for r in range(WORLD)]).sum(dim=0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), (x.bfloat16().float() * 3).bfloat16().float() * n_ranks[:, None])
+
+
+def check_all_tokens_to_one_rank(rank: int) -> None:
+    # Every token of both ranks selects experts of rank 0 only: rank 1 receives nothing.
+    experts = 8
+    routings = []
+    for r in range(WORLD):
+        x, _, w = _random_routing(r, 9, 16, 3, experts, seed=3)
+        ids = torch.rand(9, 4, generator=torch.Generator().manual_seed(r)).argsort(dim=1)[:, :3]  # experts 0..3
+        routings.append((x, ids, w))
+    d = _check_moe(rank, routings, experts)
+    if rank == 1:
+        assert d.x.shape == (0, 16) and d.topk_ids.shape == (0, 3) and d.handle.recv_counts == [0, 0]
+        assert d.handle.send_counts == [9, 0]
+
+
+def check_rank_without_tokens(rank: int) -> None:
+    # Rank 1 has no tokens (T = 0); it still receives rank 0's tokens for its experts.
+    experts = 4
+    routings = [_random_routing(0, 10, 16, 2, experts, seed=4), _random_routing(1, 0, 16, 2, experts, seed=4)]
+    d = _check_moe(rank, routings, experts)
+    if rank == 1:
+        assert d.handle.num_tokens == 0 and d.handle.send_counts == [0, 0]
+
+
+def check_top_k_spanning_and_within_ranks(rank: int) -> None:
+    # 8 experts, 4 per rank. Token 0 spans both ranks; token 1 both on rank 0; token 2 both on rank 1;
+    # token 3 spans both in the other order.
+    experts = 8
+    ids = torch.tensor([[0, 5], [1, 2], [6, 7], [4, 3]])
+    routings = []
+    for r in range(WORLD):
+        x, _, w = _random_routing(r, 4, 8, 2, experts, seed=5)
+        routings.append((x, ids + 0, w))
+    d = _check_moe(rank, routings, experts)
+    # Each rank gets tokens 0, 1, 3 (rank 0) or 0, 2, 3 (rank 1) from each source.
+    want_ids = (
+        torch.tensor([[0, -1], [1, 2], [-1, 3]]) if rank == 0 else torch.tensor([[-1, 1], [2, 3], [0, -1]])
+    ).repeat(WORLD, 1)
+    _same(d.topk_ids, want_ids)
+    assert d.handle.recv_counts == [3, 3] and d.handle.send_counts == [3, 3]
+    _same(d.handle.send_index, torch.tensor([0, 1, 3, 0, 2, 3]))
+
+
+def check_fp8_payload_bit_exact(rank: int) -> None:
+    experts, hidden = 4, 256
+    routings = [_random_routing(r, 12, hidden, 2, experts, seed=6) for r in range(WORLD)]
+
+    def fp8(r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (routings[r][0] * 50).to(FP8)
+        scales = torch.rand(x.shape[0], hidden // 128, generator=torch.Generator().manual_seed(r)) + 0.5
+        return x, scales
+
+    x, scales = fp8(rank)
+    _, ids, w = routings[rank]
+    d = ref.ep_dispatch(x, ids, w, num_experts=experts, x_scales=scales)
+    local = experts // WORLD
+    want_x, want_s = [], []
+    for r in range(WORLD):
+        sel = (routings[r][1] // local == rank).any(dim=1)
+        xr, sr = fp8(r)
+        want_x.append(xr[sel])
+        want_s.append(sr[sel])
+    _same(d.x, torch.cat(want_x))
+    assert d.x_scales is not None
+    _same(d.x_scales, torch.cat(want_s))
+    # The same routing without scales gives no scales back.
+    plain = ref.ep_dispatch(routings[rank][0], ids, w, num_experts=experts)
+    assert plain.x_scales is None
+
+
+def check_identity(rank: int) -> None:
+    # f = identity and weights summing to 1 per token: each rank returns (Σ its local w) · x_t, and the
+    # combine sums over ranks to (Σ_all w) · x_t = x_t. With dyadic weights and x of few mantissa bits
+    # every product and partial sum is exact, so the result is x bit for bit.
+    experts, top_k = 8, 4
+    routings = []
+    for r in range(WORLD):
+        g = torch.Generator().manual_seed(100 + r)
+        x = torch.randint(-64, 64, (15 + r, 32), generator=g).float() / 8
+        ids = torch.rand(x.shape[0], experts, generator=g).argsort(dim=1)[:, :top_k]
+        perm = torch.rand(x.shape[0], top_k, generator=g).argsort(dim=1)
+        w = torch.tensor([0.5, 0.25, 0.125, 0.125])[perm]
+        routings.append((x, ids, w))
+    x, ids, w = routings[rank]
+    for dtype in (torch.float32, torch.bfloat16):
+        d = ref.ep_dispatch(x.to(dtype), ids, w, num_experts=experts)
+        y = (d.topk_weights.sum(dim=1, keepdim=True) * d.x.float()).to(dtype)
+        _same(ref.ep_combine(y, d.handle), x.to(dtype))
+
+
+_CHECKS: dict[str, Callable[[int], None]] = {
+    name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
+}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    verdicts: dict[str, str | None] = {}
+    try:
+        for name, check in _CHECKS.items():
+            try:
+                check(rank)
+                verdicts[name] = None
+            except Exception:  # recorded, and reported by that check's test
+                verdicts[name] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(verdicts))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
+    """Run every check in one 2-process gloo job; one dict of check name → traceback (None: passed) per rank."""
+    out_dir = tmp_path_factory.mktemp("ep")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the 2-process gloo job did not finish within {JOIN_TIMEOUT_S:.0f} s (a hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", list(_CHECKS))
+def test_ep(check: str, verdicts: list[dict[str, str | None]]) -> None:
+    failures = [f"rank {r}:\n{v[check]}" for r, v in enumerate(verdicts) if v[check] is not None]
+    assert not failures, "\n".join(failures)
+
+
+def test_no_process_group_raises() -> None:
+    assert not dist.is_initialized()
+    x, ids, w = _random_routing(0, 4, 16, 2, 4)
+    with pytest.raises(CollectiveError, match="ep_dispatch"):
+        catalogue.ep_dispatch(x, ids, w, num_experts=4)
+    handle = DispatchHandle(
+        send_index=torch.zeros(0, dtype=torch.int64), send_counts=[0], recv_counts=[0], num_tokens=0
+    )
+    with pytest.raises(CollectiveError, match="ep_combine"):
+        catalogue.ep_combine(torch.zeros(0, 16), handle)

@@ -1,0 +1,242 @@
+"""Tests of :mod:`hal.distributed`: start-up from torchrun's environment, and failures that must not hang.
+
+The 2-process tests spawn workers that set torchrun's variables themselves (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), call :func:`hal.distributed.init` and write what they
+saw to a JSON file per rank; the test then asserts on those files. One test runs the real ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import hal
+import hal.distributed as hd
+from hal.errors import CollectiveError, OpInputError
+
+WORLD = 2
+JOIN_TIMEOUT_S = 60.0
+FAIL_TIMEOUT_S = 5.0  # the collective timeout of the failure tests
+MARGIN_S = 10.0  # what the failure tests allow on top of it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun_env(rank: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ.pop(hd.TIMEOUT_ENV, None)
+
+
+# -- worker bodies: each runs in a spawned process and returns a JSON-able result ----------------------
+
+
+def _work_init_all_reduce(rank: int) -> dict[str, Any]:
+    info = hd.init(hal.get_backend("cpu"), timeout_s=30)
+    again = hd.init(hal.get_backend("cpu"), timeout_s=30)
+    try:
+        hd.init(hal.get_backend("cpu"), timeout_s=31)
+        conflict = None
+    except CollectiveError as e:
+        conflict = str(e)
+    t = torch.full((3,), float(rank + 1))
+    out = hal.get_backend("cpu").all_reduce(t)
+    return {
+        "info": [info.rank, info.world_size, info.local_rank, info.backend, info.dist_backend, info.timeout_s],
+        "same": again is info,
+        "conflict": conflict,
+        "sum": out.tolist(),
+    }
+
+
+def _work_killed_peer(rank: int) -> dict[str, Any]:
+    hd.init(hal.get_backend("cpu"), timeout_s=FAIL_TIMEOUT_S)
+    if rank == 1:
+        os._exit(1)  # dies without a word, before the collective
+    return _timed_all_reduce()
+
+
+def _work_stalled_peer(rank: int) -> dict[str, Any]:
+    hd.init(hal.get_backend("cpu"), timeout_s=FAIL_TIMEOUT_S)
+    if rank == 1:
+        time.sleep(FAIL_TIMEOUT_S + MARGIN_S + 5)  # longer than rank 0 may wait; the parent ends it
+        os._exit(0)
+    return _timed_all_reduce()
+
+
+def _timed_all_reduce() -> dict[str, Any]:
+    t = torch.ones(4)
+    start = time.monotonic()
+    try:
+        # No guard here: the backend's own all_reduce (the reference, guarded) must raise CollectiveError.
+        hal.get_backend("cpu").all_reduce(t)
+        return {"error": None, "elapsed": time.monotonic() - start}
+    except Exception as e:  # reported to the test, which checks the type
+        return {"error": type(e).__name__, "message": str(e), "elapsed": time.monotonic() - start}
+
+
+_WORK: dict[str, Callable[[int], dict[str, Any]]] = {
+    "init_all_reduce": _work_init_all_reduce,
+    "killed_peer": _work_killed_peer,
+    "stalled_peer": _work_stalled_peer,
+}
+
+
+def _worker(rank: int, work: str, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, port)
+    try:
+        result = _WORK[work](rank)
+    except Exception:  # reported to the test
+        result = {"crash": traceback.format_exc()}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    if work != "init_all_reduce":
+        os._exit(0)  # a broken group's teardown may wait on the dead peer; nothing is left to clean up
+    hd.shutdown()
+
+
+def _run(work: str, out_dir: Path, *, wait_for: tuple[int, ...] = (0, 1)) -> list[dict[str, Any] | None]:
+    """Spawn the 2 workers, wait (bounded) until the ranks in ``wait_for`` wrote their result, end the rest."""
+    ctx = mp.start_processes(
+        _worker, args=(work, _free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not all((out_dir / f"rank{r}.json").exists() for r in wait_for):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{work}: no result within {JOIN_TIMEOUT_S:.0f} s (a hang?)")
+            time.sleep(0.05)
+    finally:
+        for p in ctx.processes:
+            p.join(2)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [json.loads(f.read_text()) if (f := out_dir / f"rank{r}.json").exists() else None for r in range(WORLD)]
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+
+
+def test_missing_environment_names_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in hd.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CollectiveError, match="torchrun") as err:
+        hd.init(hal.get_backend("cpu"))
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        assert name in str(err.value)
+    listed = str(err.value).split("lacks ")[1].split(";")[0].split(", ")
+    assert listed == ["WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]  # RANK is set, so not listed
+    assert hd.info() is None
+
+
+def test_timeout_from_argument_environment_or_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(hd.TIMEOUT_ENV, raising=False)
+    assert hd._resolve_timeout(None) == hd.DEFAULT_TIMEOUT_S == 120.0
+    monkeypatch.setenv(hd.TIMEOUT_ENV, "7.5")
+    assert hd._resolve_timeout(None) == 7.5
+    assert hd._resolve_timeout(3) == 3.0
+    monkeypatch.setenv(hd.TIMEOUT_ENV, "soon")
+    with pytest.raises(OpInputError, match=hd.TIMEOUT_ENV):
+        hd._resolve_timeout(None)
+    with pytest.raises(OpInputError, match="timeout_s"):
+        hd._resolve_timeout(0)
+
+
+def test_guard_names_the_collective_and_chains() -> None:
+    original = RuntimeError("Connection reset by peer\nmore detail")
+    with pytest.raises(CollectiveError, match=r"^all_gather: rank \? of \?: Connection reset by peer; ") as err:
+        with hd.collective_guard("all_gather", timeout_s=9):
+            raise original
+    assert err.value.__cause__ is original
+    assert "(timeout 9 s)" in str(err.value)
+    inner = CollectiveError("already clear")
+    with pytest.raises(CollectiveError) as err2, hd.collective_guard("outer"):
+        raise inner
+    assert err2.value is inner  # nested guards do not re-wrap
+
+    @hd.collective_guard("broadcast", timeout_s=1)
+    def stalls() -> None:
+        raise TimeoutError("late")
+
+    with pytest.raises(CollectiveError, match=r"^broadcast: .*late"):
+        stalls()
+
+
+@pytest.mark.distributed
+def test_init_from_torchrun_environment_and_all_reduce(tmp_path: Path) -> None:
+    results = _run("init_all_reduce", tmp_path)
+    for rank, res in enumerate(results):
+        assert res is not None and "crash" not in res, res
+        assert res["info"] == [rank, WORLD, rank, "cpu", "gloo", 30.0]
+        assert res["same"] is True
+        assert res["conflict"] is not None and "already initialized" in res["conflict"]
+        assert res["sum"] == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.distributed
+def test_killed_rank_fails_the_survivor_fast(tmp_path: Path) -> None:
+    res = _run("killed_peer", tmp_path, wait_for=(0,))[0]
+    assert res is not None and "crash" not in res, res
+    assert res["error"] == "CollectiveError", res
+    assert res["message"].startswith("all_reduce: rank 0 of 2: "), res
+    assert f"(timeout {FAIL_TIMEOUT_S:g} s)" in res["message"]
+    assert res["elapsed"] < FAIL_TIMEOUT_S + MARGIN_S, res
+
+
+@pytest.mark.distributed
+def test_stalled_rank_fails_the_other_within_the_timeout(tmp_path: Path) -> None:
+    res = _run("stalled_peer", tmp_path, wait_for=(0,))[0]
+    assert res is not None and "crash" not in res, res
+    assert res["error"] == "CollectiveError", res
+    assert res["message"].startswith("all_reduce: rank 0 of 2: "), res
+    assert FAIL_TIMEOUT_S * 0.5 <= res["elapsed"] < FAIL_TIMEOUT_S + MARGIN_S, res
+
+
+_TORCHRUN_SCRIPT = """
+import torch
+import hal
+import hal.distributed
+
+info = hal.distributed.init()
+t = torch.tensor([float(info.rank + 1), 10.0])
+hal.get_backend().all_reduce(t)
+if info.rank == 0:
+    print("RESULT", info.world_size, info.dist_backend, t.tolist(), flush=True)
+hal.distributed.shutdown()
+"""
+
+
+@pytest.mark.distributed
+def test_real_torchrun(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip(f"no torchrun next to {sys.executable}")
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(_TORCHRUN_SCRIPT))
+    env = {**os.environ, "HAL_BACKEND": "cpu", hd.TIMEOUT_ENV: "30", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines == ["RESULT 2 gloo [3.0, 20.0]"], proc.stdout + proc.stderr
