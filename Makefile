@@ -7,6 +7,8 @@ PYTHON ?= python3
 # The CPU build of torch 2.13.0 lies on this workplace's disk; an unpinned torch would pull a
 # multi-GB CUDA build. The project itself accepts torch >= 2.6.
 TORCH ?= torch==2.13.0
+# The Triton that CUDA builds of torch 2.13 pin: the kernels are tested with what GPU users get.
+TRITON ?= triton==3.7.1
 VENV := .venv
 BIN := $(VENV)/bin
 PLUGINS := build/plugins
@@ -20,6 +22,7 @@ $(BIN)/python:
 # Re-install when the project's metadata changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q "$(TRITON)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 

@@ -139,6 +139,10 @@ class BackendSpec:
         :class:`BackendImpl`.
     :param description: one line for ``hal info``.
     :param reference: True for the backend whose ops are the oracle and the fallback (``cpu``).
+    :param plan: optional, ``plan(arch)`` → op name → the implementation (``"module:function"``) that
+        would serve it on ``arch`` (``None``: the backend's main target), computed without a device,
+        so that ``hal info`` can show an unavailable backend's op table. Ops it leaves out fall back
+        to the reference.
     """
 
     name: str
@@ -147,6 +151,7 @@ class BackendSpec:
     load: Callable[[], BackendImpl]
     description: str = ""
     reference: bool = False
+    plan: Callable[[str | None], Mapping[str, str]] | None = None
 
 
 class MemoryStats(NamedTuple):

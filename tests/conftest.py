@@ -22,6 +22,9 @@ if not (PLUGINS / "hal_example").is_dir():
 sys.path.insert(0, str(PLUGINS))
 # Subprocesses started by tests (hal info, torchrun) see it too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
+# The Triton kernels run on the CPU through Triton's interpreter; it must be on before any kernel
+# module is imported (its @triton.jit decorators read it). `hal compile-check` subprocesses unset it.
+os.environ["TRITON_INTERPRET"] = "1"
 # Tests choose backends explicitly; a developer's own selection must not leak in.
 os.environ.pop("HAL_BACKEND", None)
 os.environ.pop("HAL_DISABLE_PLUGINS", None)

@@ -1,0 +1,89 @@
+"""What every kernel module shares: compile specs, tuning configs and interpreter detection."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hal.errors import OpInputError
+
+__all__ = ["FP8", "INTERPRETING", "CompileSpec", "empty", "merge_config", "require_device", "set_poison"]
+
+#: ``TRITON_INTERPRET=1`` at import: the kernels run on the CPU through Triton's interpreter.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: placeholder in a :class:`CompileSpec` signature for the target's fp8 pointer type: ``*fp8e4nv``
+#: (e4m3fn) on NVIDIA and gfx950, ``*fp8e4b8`` (e4m3fnuz) on gfx942.
+FP8 = "*fp8"
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One compilation of one Triton kernel, enough for ``triton.compile`` without a GPU.
+
+    :param name: what ``hal compile-check`` prints, e.g. ``"gemm_fp8[bf16 out]"``.
+    :param kernel: the ``@triton.jit`` function.
+    :param signature: every kernel argument → its Triton type (``"*fp32"``, ``"*bf16"``, ``"i32"``,
+        ``"fp32"``, ``"constexpr"``); :data:`FP8` stands for the target's fp8 pointer type.
+    :param constexprs: the value of every ``constexpr`` argument.
+    :param num_warps: warps per program.
+    :param num_stages: software-pipelining stages.
+    """
+
+    name: str
+    kernel: Any
+    signature: Mapping[str, str]
+    constexprs: Mapping[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def merge_config(default: Mapping[str, int], config: Mapping[str, int] | None, op: str) -> dict[str, int]:
+    """``default`` updated with ``config``; a key the kernel does not know is an error, not ignored."""
+    merged = dict(default)
+    if config:
+        unknown = sorted(set(config) - set(default))
+        if unknown:
+            raise OpInputError(op, "config", f"unknown keys {unknown}; {op} takes {sorted(default)}")
+        merged.update(config)
+    return merged
+
+
+def require_device(op: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Kernels run on a GPU, or on the CPU only under the interpreter."""
+    for name, t in tensors.items():
+        if t.device.type == "cpu" and not INTERPRETING:
+            raise OpInputError(op, name, "is on the CPU; Triton kernels need a GPU tensor (or TRITON_INTERPRET=1)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output allocation, poisonable for tests
+# ---------------------------------------------------------------------------------------------------
+
+_POISON = False
+
+
+def set_poison(on: bool) -> bool:
+    """Fill every output :func:`empty` allocates with garbage (NaN for floats and fp8, the minimum
+    for integers) so that an element a kernel forgets to write fails the test. Returns the old value."""
+    global _POISON
+    old, _POISON = _POISON, on
+    return old
+
+
+def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs: every launcher allocates its outputs through this."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if _POISON:
+        if dtype.is_floating_point and dtype.itemsize == 1:
+            # fp8: e4m3fn's NaN is 0x7f, e4m3fnuz's only NaN is 0x80.
+            out.view(torch.uint8).fill_(0x80 if dtype == torch.float8_e4m3fnuz else 0x7F)
+        elif dtype.is_floating_point:
+            out.fill_(float("nan"))
+        elif dtype != torch.bool:
+            out.fill_(torch.iinfo(dtype).min)
+    return out
