@@ -32,6 +32,10 @@ class CompileSpec:
     :param constexprs: the value of every ``constexpr`` argument.
     :param num_warps: warps per program.
     :param num_stages: software-pipelining stages.
+    :param divisible_by_16: arguments compiled as multiples of 16, as Triton's JIT specializes them
+        at a real launch (pointers from the allocator; strides and sizes of real shapes, e.g. K).
+        Without it a pointer's alignment is unknown, loads are not vectorized, and the K loop is not
+        software-pipelined, so the compiled code (and its shared memory) would not be what runs.
     """
 
     name: str
@@ -40,6 +44,12 @@ class CompileSpec:
     constexprs: Mapping[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    divisible_by_16: tuple[str, ...] = ()
+
+    def attrs(self) -> dict[tuple[int, ...], list[list[Any]]]:
+        """``ASTSource``'s ``attrs`` (Triton >= 3.3): ``tt.divisibility = 16`` on :attr:`divisible_by_16`."""
+        names = list(self.kernel.arg_names)
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in self.divisible_by_16}
 
 
 def merge_config(default: Mapping[str, int], config: Mapping[str, int] | None, op: str) -> dict[str, int]:
@@ -87,3 +97,44 @@ def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.
         elif dtype != torch.bool:
             out.fill_(torch.iinfo(dtype).min)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interpreter: e4m3fnuz
+# ---------------------------------------------------------------------------------------------------
+
+
+def _interpreter_knows_fp8e4b8() -> None:
+    """Teach Triton's interpreter the e4m3fnuz type (``fp8e4b8``, AMD gfx942's fp8).
+
+    The interpreter implements e4m3fnuz (its builder has the type and its float conversion handles
+    the exponent bias) but the ``dtype.to_ir`` it installs while a kernel runs lacks the case, so any
+    pointer arithmetic on an e4m3fnuz tensor fails with "fail to convert fp8e4b8 to ir type" (seen in
+    triton 3.7.1). This wraps that patch with the missing case. Only ever called when interpreting;
+    a Triton without the hook (or with the case) is left alone.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang_core", None)
+    if original is None or getattr(original, "_hal_fp8e4b8", False):
+        return
+
+    def patch_lang_core(lang: Any, scope: Any) -> None:
+        original(lang, scope)
+        to_ir = lang.dtype.to_ir
+
+        def to_ir_with_fp8e4b8(self: Any, builder: Any) -> Any:
+            if self.name == "fp8e4b8":
+                return builder.get_fp8e4b8_ty()
+            return to_ir(self, builder)
+
+        scope.set_attr(lang.dtype, "to_ir", to_ir_with_fp8e4b8)
+
+    patch_lang_core._hal_fp8e4b8 = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_core = patch_lang_core
+
+
+if INTERPRETING:
+    _interpreter_knows_fp8e4b8()
