@@ -21,11 +21,13 @@ from hal.hookspecs import hookimpl
 from hal.kvcache import PagedKVCache
 from hal.ops.catalogue import CATALOGUE, OPS
 from hal.registry import BackendInfo, PluginInfo, Registry
+from hal.serving import AutoBatcher, health
 from hal.types import (
     Availability,
     BackendImpl,
     BackendSpec,
     Capabilities,
+    DeviceHealth,
     MemoryStats,
     Permutation,
     RouteResult,
@@ -34,12 +36,14 @@ from hal.types import (
 __all__ = [
     "CATALOGUE",
     "OPS",
+    "AutoBatcher",
     "Availability",
     "Backend",
     "BackendImpl",
     "BackendInfo",
     "BackendSpec",
     "Capabilities",
+    "DeviceHealth",
     "MemoryStats",
     "OpEntry",
     "PagedKVCache",
@@ -53,6 +57,7 @@ __all__ = [
     "distributed",
     "errors",
     "get_backend",
+    "health",
     "hookimpl",
     "quant",
 ]

@@ -2,7 +2,9 @@
 
 ``hal info`` shows what HAL discovered: plugins (distribution, version, status), backends
 (availability and reason, priority), the selected backend, and for every available backend its device,
-capabilities and op table (op → implementation → why). ``--json`` prints the same as one JSON document.
+capabilities and op table (op → implementation → why); for an unavailable backend with a plan, the op
+table it would have on its main target (``--arch`` picks another). ``--json`` prints the same as one
+JSON document.
 
 ``hal run`` generates with the DeepSeek-V3 model on the selected backend: a built-in tiny model with
 seeded random weights by default, or a Hugging Face model directory (``--model DIR``); it prints the
@@ -12,6 +14,9 @@ to stderr, so ``--json`` leaves stdout one JSON document.
 ``hal bench`` benchmarks every compute op of a backend at a shape set against baselines and the
 device's peaks (:mod:`hal.bench`), prints a table, and writes JSON (``--json``) and a roofline plot
 (``--plot``); ``hal bench compare A.json B.json`` flags regressions between two runs (exit status 1).
+
+``hal compile-check --target sm_90`` compiles every kernel for a GPU target without a GPU and reports
+registers, shared memory and spills (:mod:`hal.compile_check`; exit status 1 when one fails).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from hal.registry import Registry
 
 if TYPE_CHECKING:
     from hal.model import DeepseekModel
+    from hal.model.parallel import ParallelConfig
 
 __all__ = ["RunError", "info_data", "main", "parse_prompt_ids"]
 
@@ -67,10 +73,12 @@ def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
 
 
-def info_data(registry: Registry, backend: str | None = None) -> dict[str, Any]:
+def info_data(registry: Registry, backend: str | None = None, arch: str | None = None) -> dict[str, Any]:
     """Everything ``hal info`` shows, as plain data (what ``--json`` prints).
 
     :param backend: show only this backend's table (``None``: every available backend).
+    :param arch: the architecture of the op plans shown for unavailable backends (``None``: each
+        backend's main target).
     """
     try:
         selected: str | None = registry.select(backend)
@@ -103,6 +111,10 @@ def info_data(registry: Registry, backend: str | None = None) -> dict[str, Any]:
                 item["fp8_checkpoints"] = _FP8_POLICY_TEXT[fp8_checkpoint_policy(be.capabilities)]
                 item["capabilities"] = be.capabilities.as_dict()
                 item["ops"] = {op: entry.as_dict() for op, entry in be.table.items()}
+        elif not info.available and backend is None:
+            plan = _plan_data(registry, info.name, arch)
+            if plan is not None:
+                item["plan"] = plan
         backends.append(item)
     return {
         "hal_version": hal.__version__,
@@ -113,7 +125,43 @@ def info_data(registry: Registry, backend: str | None = None) -> dict[str, Any]:
         "selected": selected,
         "selection_error": selection_error,
         "catalogue": list(hal.OPS),
+        "health": [h.as_dict() for h in hal.health(registry)],
     }
+
+
+def _plan_data(registry: Registry, name: str, arch: str | None) -> dict[str, Any] | None:
+    """An unavailable backend's op table from its ``BackendSpec.plan`` (no device): op → implementation
+    and source (``kernel``: a hal_kernels launcher, ``runtime``, ``native``, or ``fallback`` to the
+    reference). ``None`` when the backend has no plan."""
+    from hal.backend import impl_name
+    from hal.ops.catalogue import CATALOGUE
+
+    spec = registry.spec(name)
+    if spec.plan is None:
+        return None
+    try:
+        plan = spec.plan(arch)
+        table = dict(plan)
+    except Exception as exc:  # a plugin's plan may fail in any way; show why instead of the table
+        return {"arch": arch or "default", "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        reference = registry.reference_ops()
+    except HALError:
+        reference = {}
+    ops: dict[str, dict[str, str]] = {}
+    for op, op_spec in CATALOGUE.items():
+        if op in table:
+            impl = str(table[op])
+            source = "kernel" if impl.startswith("hal_kernels.") else "native"
+            if op_spec.kind == "runtime":
+                source = "runtime"
+        elif op in reference:
+            impl, source = impl_name(reference[op]), "fallback"
+        else:
+            impl, source = "-", "missing"
+        ops[op] = {"impl": impl, "source": source}
+    # A plan may say which arch it was made for (the backend's main target when none was asked).
+    return {"arch": str(getattr(plan, "arch", None) or arch or "default"), "ops": ops}
 
 
 def _jsonable(value: Any) -> Any:
@@ -158,13 +206,38 @@ def format_info(data: dict[str, Any]) -> str:
         mark = "*" if b["selected"] else " "
         rows.append([f"{mark}{b['name']}", str(b["priority"]), "yes" if b["available"] else "no", b["reason"] or "-"])
     out += [_table(rows), ""]
+    facts = [b for b in data["backends"] if b.get("details")]
+    if facts:
+        # What each probe read (versions, NVML/amdsmi/npu-smi facts, NVLink/XGMI topology, telemetry).
+        out.append("Probe facts")
+        for b in facts:
+            out.append(f"  {b['name']}")
+            for key, value in b["details"].items():
+                values = value if isinstance(value, list) else [value]
+                for v in values:
+                    text = "-" if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
+                    out.append(f"    {key}: {text}")
+        out.append("")
     if data["selected"]:
         out.append(f"Selected: {data['selected']}  (HAL_BACKEND or --backend picks another; * above)")
     else:
         out.append(f"Selected: none\n{data['selection_error']}")
+    if "health" in data:
+        from hal.serving.health import format_health
+
+        out += ["", *format_health(data["health"])]
     for b in data["backends"]:
         if "error" in b:
             out += ["", f"Backend {b['name']}: failed to build: {b['error']}"]
+        if "plan" in b:
+            plan = b["plan"]
+            if "error" in plan:
+                out += ["", f"Backend {b['name']} (unavailable): no op plan for {plan['arch']}: {plan['error']}"]
+            else:
+                out += ["", f"Backend {b['name']} (unavailable): ops it would serve on {plan['arch']} (see --arch)"]
+                rows = [["OP", "IMPLEMENTATION", "SOURCE"]]
+                rows += [[op, e["impl"], e["source"]] for op, e in plan["ops"].items()]
+                out.append(_table(rows))
         if "ops" not in b:
             continue
         caps = b["capabilities"]
@@ -187,7 +260,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     registry = hal.default_registry()
     if args.backend is not None:
         registry.select(args.backend)  # an unknown or unavailable name is an error, with every reason
-    _emit(info_data(registry, args.backend), args.json, format_info)
+    _emit(info_data(registry, args.backend, args.arch), args.json, format_info)
     return 0
 
 
@@ -243,7 +316,9 @@ def _tokenizer(model_dir: str | None) -> Any:
         raise RunError(f"--prompt: cannot read {path}: {exc}") from None
 
 
-def _tiny_model(args: argparse.Namespace, backend: hal.Backend, dtype: torch.dtype) -> DeepseekModel:
+def _tiny_model(
+    args: argparse.Namespace, backend: hal.Backend, dtype: torch.dtype, parallel: ParallelConfig | None = None
+) -> DeepseekModel:
     from hal.model import DeepseekModel, random_state_dict, tiny_config
     from hal.model.loader import quantize_linear
     from hal.model.weights import Weight, is_linear
@@ -265,7 +340,11 @@ def _tiny_model(args: argparse.Namespace, backend: hal.Backend, dtype: torch.dty
             )
             if quantized is not None:
                 weights[name] = quantized
-    return DeepseekModel(cfg, backend, weights, dtype=dtype)
+    if parallel is not None:  # every rank drew the same full weights from the seed; each keeps its share
+        from hal.model.parallel import shard_state_dict
+
+        weights = shard_state_dict(weights, cfg, parallel)
+    return DeepseekModel(cfg, backend, weights, dtype=dtype, parallel=parallel)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -289,10 +368,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if not p:
                 raise RunError(f"--prompt: prompt {i} ({args.prompt[i]!r}) encodes to no tokens")
     backend = hal.get_backend(args.backend)
+    from hal.model.parallel import init_parallel
+
+    parallel = init_parallel(args.tp, args.ep, backend)  # None: one process
+    if parallel is not None and parallel.rank != 0:  # rank 0 alone reports
+        args.quiet = True
+        for name in ("hal.cli", "hal.model"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     label = TINY_MODEL if args.model is None else str(args.model)
     log.info("building %s on %s (%s, %s)", label, backend.name, backend.device, args.dtype)
     if args.model is None:
-        model = _tiny_model(args, backend, dtype)
+        model = _tiny_model(args, backend, dtype, parallel)
     else:
         from hal.model.loader import load_model
 
@@ -303,6 +389,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             dequantize_fp8=args.dequantize_fp8,
             progress=not args.quiet,
+            parallel=parallel,
         )
     if prompts is None:
         batch = 4 if args.batch is None else args.batch
@@ -312,15 +399,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # would otherwise be charged to the reported rates: run one short sequence first, untimed.
         log.info("warm-up: one sequence, %d new token(s)", min(2, args.max_new_tokens))
         generate(model, [prompts[0][:8]], max_new_tokens=min(2, args.max_new_tokens))
-    result = generate(
-        model,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
+    if args.metrics_port is not None:
+        # Through hal.AutoBatcher, which records the Prometheus metrics (per-op ones included) and serves
+        # them while generating. Greedy tokens are generate()'s; sampled prompt i is seeded seed + i.
+        from hal.serving import generate_batched
+
+        if parallel is not None:
+            raise RunError("--metrics-port: serving metrics run in one process; drop --tp/--ep")
+        addr, port = args.metrics_port
+        log.info("serving Prometheus metrics on http://%s:%d/metrics while generating", addr, port)
+        result = generate_batched(
+            model,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            metrics_port=port,
+            metrics_addr=addr,
+            op_metrics=True,
+        )
+    else:
+        result = generate(
+            model,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     texts = None if tokenizer is None else [tokenizer.decode(t) for t in result.tokens]
     data: dict[str, Any] = {
         "backend": backend.name,
@@ -332,13 +440,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "seed": args.seed,
+        "tp": args.tp,
+        "ep": args.ep,
         "prompts": prompts,
         **result.to_dict(),
     }
     if texts is not None:
         data["prompt_texts"] = list(args.prompt)
         data["texts"] = texts
-    _emit(data, args.json, format_run)
+    if parallel is None or parallel.rank == 0:
+        _emit(data, args.json, format_run)
+    if parallel is not None:
+        from hal.distributed import shutdown
+
+        shutdown()
     return 0
 
 
@@ -455,6 +570,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    from hal.serving.metrics import parse_listen_address
+
+    try:
+        return parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hal",
@@ -473,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     info.add_argument("--backend", metavar="NAME", help="show only this backend (an error if it is unavailable)")
+    info.add_argument(
+        "--arch", metavar="ARCH", help="arch of the op plans shown for unavailable backends (sm_90, gfx942, …)"
+    )
     info.set_defaults(func=_cmd_info)
 
     run = sub.add_parser(
@@ -561,7 +688,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seeds the tiny model's weights, the random prompts and the sampler (default 0)",
     )
+    run.add_argument(
+        "--tp",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="tensor parallelism over N processes: MLA heads, dense MLP, shared experts and LM head split "
+        "(run under torchrun --nproc-per-node N; default 1)",
+    )
+    run.add_argument(
+        "--ep",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="expert parallelism over N processes: routed experts split, tokens sent to them with "
+        "ep_dispatch/ep_combine (under torchrun --nproc-per-node N; 1 or the same N as --tp; default 1)",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON document (progress still goes to stderr)")
+    run.add_argument(
+        "--metrics-port",
+        type=_listen_address,
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics (tokens/s, latencies, batch sizes, KV-cache blocks, per-op calls and "
+        "latency, device memory and health) on PORT while generating, the prompts going through "
+        "hal.AutoBatcher; ADDR defaults to 127.0.0.1 (0.0.0.0 for a remote Prometheus). Needs prometheus-client "
+        "(pip install 'hal-accel[metrics]')",
+    )
     run.add_argument(
         "--no-warmup",
         dest="warmup",
@@ -572,7 +724,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     _add_bench_parser(sub)
+    from hal.compile_check import add_parser as add_compile_check_parser
+
+    add_compile_check_parser(sub, _cmd_compile_check)
     return parser
+
+
+def _cmd_compile_check(args: argparse.Namespace) -> int:
+    from hal.compile_check import format_report, prepare_process, run_check
+
+    prepare_process()  # the kernels must be imported without TRITON_INTERPRET to be compiled
+    report = run_check(args.target, kernel=args.kernel, tuning_dir=args.tuning, progress=not args.quiet)
+    _emit(report.as_dict(), args.json, format_report)
+    return 0 if report.ok else 1
 
 
 def _add_bench_parser(sub: Any) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "CollectiveError",
     "DTypeError",
     "DeviceError",
+    "DeviceFailure",
     "HALError",
     "KVCacheError",
     "KVCacheExhaustedError",
@@ -144,3 +145,24 @@ class CollectiveError(HALError, RuntimeError):
 
 class BenchError(HALError, ValueError):
     """``hal bench`` cannot run or compare as asked (unknown op or shape set, an unreadable results file)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# A device that stopped working
+# ---------------------------------------------------------------------------------------------------
+
+
+class DeviceFailure(HALError, RuntimeError):
+    """A device stopped working (lost, ECC failure, driver reset): retrying on it is pointless.
+
+    A backend raises it from an op (or wraps a vendor error in it) to make the serving layer
+    (:mod:`hal.serving.failover`) mark the device unhealthy and fail over to another backend.
+
+    :ivar backend: the backend whose device failed, when known.
+    :ivar device: the device, as torch spells it (``"cuda:0"``), when known.
+    """
+
+    def __init__(self, message: str, *, backend: str | None = None, device: str | None = None) -> None:
+        self.backend = backend
+        self.device = device
+        super().__init__(message)

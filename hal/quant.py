@@ -27,6 +27,7 @@ __all__ = [
     "dequantize_fp8_blocks",
     "dequantize_fp8_groups",
     "dequantize_int8_rows",
+    "e4m3fn_to_fnuz",
     "fp8_max",
     "quantize_fp8_blocks",
     "quantize_int8_rows",
@@ -145,6 +146,47 @@ def dequantize_fp8_blocks(wq: torch.Tensor, ws: torch.Tensor, block: int = 128) 
     _v.same_device(op, (("wq", wq), ("ws", ws)))
     per_value = ws.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
     return wq.float() * per_value
+
+
+# ---------------------------------------------------------------------------------------------------
+# E4M3 formats: OCP e4m3fn (NVIDIA, MI350, DeepSeek's checkpoints) and e4m3fnuz (MI300)
+# ---------------------------------------------------------------------------------------------------
+
+#: e4m3fn's bit patterns whose meaning changes in e4m3fnuz: -0 (FNUZ's only NaN) and e4m3fn's two
+#: NaNs (``S.1111.111``, which FNUZ reads as ±240).
+_FN_NEG_ZERO = 0x80
+_FN_NAN_MAGNITUDE = 0x7F
+_FNUZ_NAN = 0x80
+
+
+def e4m3fn_to_fnuz(wq: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same scaled values with the data in ``float8_e4m3fnuz``: bits kept, scale doubled. Exact.
+
+    e4m3fnuz's exponent bias is 8 where e4m3fn's is 7, so every finite e4m3fn bit pattern read as
+    e4m3fnuz is worth exactly half as much, subnormals included: keeping the bits and doubling the
+    scale keeps ``wq.float() * scale`` bit-for-bit. Three patterns differ in meaning and are rewritten:
+    e4m3fn's -0 (0x80) is FNUZ's NaN, so it becomes +0 (0x00); e4m3fn's NaNs (0x7F, 0xFF) would read
+    as ±240, so they become FNUZ's NaN (0x80). e4m3fn's largest value, 448 (0x7E), reads as 224 and
+    comes back as 448 through the doubled scale: nothing saturates.
+
+    :param wq: float8_e4m3fn, any shape (a checkpoint's ``weight``).
+    :param scale: a floating tensor, any shape, multiply-to-dequantize (a checkpoint's
+        ``weight_scale_inv``); it is only doubled, so its layout does not matter.
+    :returns: ``(wq_fnuz, scale_fnuz)``: float8_e4m3fnuz of wq's shape (a new tensor) and
+        ``scale * 2`` in scale's dtype, both on their inputs' devices.
+    """
+    op = "e4m3fn_to_fnuz"
+    wq = _v.tensor(op, "wq", wq)
+    _v.dtype(op, "wq", wq, (torch.float8_e4m3fn,))
+    scale = _v.tensor(op, "scale", scale)
+    if not scale.is_floating_point() or scale.dtype in _v.FP8S:
+        raise DTypeError(
+            op, "scale", f"expected a float dtype (float32 | bfloat16 | float16 | float64), got {scale.dtype}"
+        )
+    bits = wq.view(torch.uint8)
+    out = bits.masked_fill(bits == _FN_NEG_ZERO, 0)
+    out.masked_fill_((bits & _FN_NAN_MAGNITUDE) == _FN_NAN_MAGNITUDE, _FNUZ_NAN)
+    return out.view(torch.float8_e4m3fnuz), scale * 2
 
 
 # ---------------------------------------------------------------------------------------------------

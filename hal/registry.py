@@ -311,6 +311,12 @@ class Registry:
                 )
             if not callable(spec.probe) or not callable(spec.load):
                 raise PluginValidationError(plugin_name, f"backend {spec.name!r}: probe and load must be callables")
+            if spec.health is not None and not callable(spec.health):
+                raise PluginValidationError(
+                    plugin_name,
+                    f"backend {spec.name!r}: health must be a callable returning hal.DeviceHealth rows, or None; "
+                    f"got {type(spec.health).__name__}",
+                )
             if spec.name in self._specs or any(s.name == spec.name for s in specs):
                 owner = self._specs[spec.name][1] if spec.name in self._specs else plugin_name
                 raise PluginValidationError(
@@ -395,6 +401,19 @@ class Registry:
             )
         return sorted(infos, key=lambda b: (-b.priority, b.name))
 
+    def spec(self, name: str) -> BackendSpec:
+        """The :class:`~hal.types.BackendSpec` registered as ``name`` (nothing is probed or built).
+
+        :raises BackendNotFoundError: no backend of that name, with every registered backend's state.
+        """
+        if name not in self._specs:
+            raise self._not_found(name)
+        return self._specs[name][0]
+
+    def _not_found(self, name: str) -> BackendNotFoundError:
+        blocked = " (its plugin is blocked by HAL_DISABLE_PLUGINS)" if name in self._disabled else ""
+        return BackendNotFoundError(f"no backend named {name!r}{blocked}. Registered backends:\n{self._reasons()}")
+
     def _reasons(self) -> str:
         lines = [
             f"  {b.name}: {'available' if b.available else 'unavailable'}" + (f" ({b.reason})" if b.reason else "")
@@ -409,10 +428,7 @@ class Registry:
         wanted = name or os.environ.get("HAL_BACKEND") or None
         if wanted is not None:
             if wanted not in self._specs:
-                blocked = " (its plugin is blocked by HAL_DISABLE_PLUGINS)" if wanted in self._disabled else ""
-                raise BackendNotFoundError(
-                    f"no backend named {wanted!r}{blocked}. Registered backends:\n{self._reasons()}"
-                )
+                raise self._not_found(wanted)
             if not self._probe(wanted).available:
                 raise BackendUnavailableError(
                     f"backend {wanted!r} is unavailable: {self._probe(wanted).reason}\nAll backends:\n{self._reasons()}"

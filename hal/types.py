@@ -1,4 +1,5 @@
-"""Plain data that crosses the plugin boundary: probe results, capabilities, backend specs, op results.
+"""Plain data that crosses the plugin boundary: probe results, capabilities, backend specs, device health,
+op results.
 
 Everything here is a frozen dataclass or a named tuple: backends build these values, the core reads
 them, and ``hal info --json`` serializes them. Nothing here touches a device.
@@ -6,7 +7,7 @@ them, and ``hal info --json`` serializes them. Nothing here touches a device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ __all__ = [
     "BackendImpl",
     "BackendSpec",
     "Capabilities",
+    "DeviceHealth",
     "DispatchHandle",
     "Dispatched",
     "MemoryStats",
@@ -127,6 +129,52 @@ class BackendImpl:
 
 
 @dataclass(frozen=True)
+class DeviceHealth:
+    """The health of one device of one backend (a row of ``hal.health()``).
+
+    :ivar backend: the backend's name (``"nvidia"``).
+    :ivar device: the device as torch spells it (``"cuda:0"``, ``"npu:1"``, ``"cpu"``), ``"-"`` when the
+        backend's devices are unknown without building it.
+    :ivar name: the device's name (``"NVIDIA H100 80GB HBM3"``).
+    :ivar healthy: False when the driver reports a fault, the telemetry cannot be read, or the serving
+        layer saw the device fail (then ``reason`` carries the error).
+    :ivar reason: one line: what was read, or what is wrong.
+    :ivar memory_used_bytes: / :ivar memory_total_bytes: device memory, ``None`` when unknown.
+    :ivar temperature_c: degrees Celsius, ``None`` when unknown.
+    :ivar utilization_pct: compute utilization in percent, ``None`` when unknown.
+    :ivar power_w: power draw in watts, ``None`` when unknown.
+    :ivar details: anything else read (ECC counts, driver health codes), JSON-ready.
+    """
+
+    backend: str
+    device: str
+    name: str
+    healthy: bool
+    reason: str
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    temperature_c: float | None = None
+    utilization_pct: float | None = None
+    power_w: float | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "name": self.name,
+            "healthy": self.healthy,
+            "reason": self.reason,
+            "memory_used_bytes": self.memory_used_bytes,
+            "memory_total_bytes": self.memory_total_bytes,
+            "temperature_c": self.temperature_c,
+            "utilization_pct": self.utilization_pct,
+            "power_w": self.power_w,
+            "details": dict(self.details),
+        }
+
+
+@dataclass(frozen=True)
 class BackendSpec:
     """A backend as a plugin declares it through ``hal_register_backends``.
 
@@ -143,6 +191,11 @@ class BackendSpec:
         would serve it on ``arch`` (``None``: the backend's main target), computed without a device,
         so that ``hal info`` can show an unavailable backend's op table. Ops it leaves out fall back
         to the reference.
+    :param health: optional, ``health()`` → one :class:`DeviceHealth` per device of the backend, for
+        ``hal.health()`` (called only while the backend is available). Cheap, driver-level facts only,
+        like the probe: it must not import a compute SDK or create a device context (driver tools such
+        as NVML, amdsmi or ``npu-smi`` are the right source). It may raise: the core turns the exception
+        into one unhealthy row carrying the error. ``None``: one generic "available" row, no telemetry.
     """
 
     name: str
@@ -152,6 +205,7 @@ class BackendSpec:
     description: str = ""
     reference: bool = False
     plan: Callable[[str | None], Mapping[str, str]] | None = None
+    health: Callable[[], Sequence[DeviceHealth]] | None = None
 
 
 class MemoryStats(NamedTuple):

@@ -118,3 +118,42 @@ def test_plugin_raising_at_import_is_reported_not_fatal(tmp_path: Any) -> None:
     assert "ImportError: libfoo.so: cannot open shared object file" in broken["error"]
     assert data["selected"] == "cpu"
     assert "HAL plugin 'broken' ignored" in proc.stderr  # logged as a warning, too
+
+
+def test_human_output_shows_what_each_probe_read() -> None:
+    from hal.cli import format_info, info_data
+    from hal.registry import Registry
+    from hal.types import Availability, BackendImpl, BackendSpec
+
+    class Plugin:
+        @hal.hookimpl
+        def hal_register_backends(self, register: Any) -> None:
+            def load() -> BackendImpl:
+                raise AssertionError("an unavailable backend is never built")
+
+            register(
+                BackendSpec(
+                    name="fake-gpu",
+                    priority=50,
+                    probe=lambda: Availability.no(
+                        "driver too old",
+                        driver="535.1",
+                        nvlink="all 8 GPUs connected, 18 links each, through NVSwitch",
+                        telemetry=["gpu 0: 40 °C · 130 W", "gpu 1: 41 °C · 128 W"],
+                        cuda=None,
+                    ),
+                    load=load,
+                )
+            )
+
+    text = format_info(info_data(Registry(entry_points=False, plugins=[("fake-gpu", Plugin())])))
+    facts = text.split("Probe facts", 1)[1]
+    for line in (
+        "  fake-gpu",
+        "    driver: 535.1",
+        "    nvlink: all 8 GPUs connected, 18 links each, through NVSwitch",
+        "    telemetry: gpu 0: 40 °C · 130 W",
+        "    telemetry: gpu 1: 41 °C · 128 W",
+        "    cuda: -",
+    ):
+        assert line in facts.splitlines(), line

@@ -1,49 +1,33 @@
 """Tests of :mod:`hal.distributed`: start-up from torchrun's environment, and failures that must not hang.
 
-The 2-process tests spawn workers that set torchrun's variables themselves (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), call :func:`hal.distributed.init` and write what they
-saw to a JSON file per rank; the test then asserts on those files. One test runs the real ``torchrun``.
+The 2-process tests spawn workers with torchrun's variables set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``: :func:`hal.testing.dist.run_ranks`) that call
+:func:`hal.distributed.init` and return what they saw; the test then asserts on each rank's result. One
+test runs the real ``torchrun``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import hal
 import hal.distributed as hd
 from hal.errors import CollectiveError, OpInputError
+from hal.testing.dist import run_ranks, torchrun_command, torchrun_env
 
 WORLD = 2
 JOIN_TIMEOUT_S = 60.0
 FAIL_TIMEOUT_S = 5.0  # the collective timeout of the failure tests
 MARGIN_S = 10.0  # what the failure tests allow on top of it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _torchrun_env(rank: int, port: int) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    os.environ.pop(hd.TIMEOUT_ENV, None)
 
 
 # -- worker bodies: each runs in a spawned process and returns a JSON-able result ----------------------
@@ -100,36 +84,30 @@ _WORK: dict[str, Callable[[int], dict[str, Any]]] = {
 }
 
 
-def _worker(rank: int, work: str, port: int, out_dir: str) -> None:
-    _torchrun_env(rank, port)
+def _work(rank: int, work: str) -> dict[str, Any]:
+    """One rank of ``work``, started by :func:`hal.testing.dist.run_ranks` with torchrun's variables set."""
+    os.environ.pop(hd.TIMEOUT_ENV, None)
     try:
-        result = _WORK[work](rank)
-    except Exception:  # reported to the test
-        result = {"crash": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    if work != "init_all_reduce":
-        os._exit(0)  # a broken group's teardown may wait on the dead peer; nothing is left to clean up
-    hd.shutdown()
+        return _WORK[work](rank)
+    finally:
+        if work == "init_all_reduce":  # the failure works end with os._exit instead (run_ranks' hard_exit)
+            hd.shutdown()
 
 
 def _run(work: str, out_dir: Path, *, wait_for: tuple[int, ...] = (0, 1)) -> list[dict[str, Any] | None]:
     """Spawn the 2 workers, wait (bounded) until the ranks in ``wait_for`` wrote their result, end the rest."""
-    ctx = mp.start_processes(
-        _worker, args=(work, _free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
-        while not all((out_dir / f"rank{r}.json").exists() for r in wait_for):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"{work}: no result within {JOIN_TIMEOUT_S:.0f} s (a hang?)")
-            time.sleep(0.05)
-    finally:
-        for p in ctx.processes:
-            p.join(2)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return [json.loads(f.read_text()) if (f := out_dir / f"rank{r}.json").exists() else None for r in range(WORLD)]
+        return run_ranks(
+            _work,
+            (work,),
+            out_dir=out_dir,
+            world=WORLD,
+            timeout_s=JOIN_TIMEOUT_S,
+            wait_for=wait_for,
+            hard_exit=work != "init_all_reduce",  # a broken group's teardown may wait on the dead peer
+        )
+    except TimeoutError as e:
+        pytest.fail(f"{work}: {e}")
 
 
 # -- tests ---------------------------------------------------------------------------------------------
@@ -227,16 +205,14 @@ hal.distributed.shutdown()
 
 @pytest.mark.distributed
 def test_real_torchrun(tmp_path: Path) -> None:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip(f"no torchrun next to {sys.executable}")
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(_TORCHRUN_SCRIPT))
-    env = {**os.environ, "HAL_BACKEND": "cpu", hd.TIMEOUT_ENV: "30", "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    proc = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=90)
+    try:
+        cmd = torchrun_command(str(script))
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    env = torchrun_env(HAL_BACKEND="cpu", OMP_NUM_THREADS="1", **{hd.TIMEOUT_ENV: "30"})
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     assert lines == ["RESULT 2 gloo [3.0, 20.0]"], proc.stdout + proc.stderr

@@ -265,6 +265,29 @@ def test_backends_are_built_once() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def test_spec_returns_the_registered_spec_without_probing_and_names_the_unknown() -> None:
+    probed: list[str] = []
+
+    def probe() -> hal.Availability:
+        probed.append("fast")
+        return hal.Availability.yes()
+
+    spec = hal.BackendSpec("fast", 50, probe, lambda: None)  # type: ignore[arg-type,return-value]
+
+    @hal.hookimpl
+    def hal_register_backends(register: Any) -> None:
+        register(spec)
+
+    reg = cpu_registry(("fast", SimpleNamespace(hal_register_backends=hal_register_backends)))
+    assert reg.spec("fast") is spec and probed == []
+    assert reg.spec("cpu").reference
+    with pytest.raises(BackendNotFoundError, match=r"no backend named 'tpu'(.|\n)*fast: available"):
+        reg.spec("tpu")
+    blocked = cpu_registry(("fast", backend_plugin("fast", 50)), disabled=("fast",))
+    with pytest.raises(BackendNotFoundError, match="blocked by HAL_DISABLE_PLUGINS"):
+        blocked.spec("fast")
+
+
 def test_blocked_plugin_is_listed_and_ignored() -> None:
     reg = cpu_registry(("fast", backend_plugin("fast", 50)), disabled=("fast",))
     status = {p.name: p.status for p in reg.plugins()}
@@ -335,9 +358,13 @@ def test_invalid_op_registration_is_reported(registration: tuple, message: str) 
         ),  # type: ignore[arg-type,return-value]
         (hal.BackendSpec("Bad Name", 1, hal.Availability.yes, lambda: None), "must match"),  # type: ignore[arg-type,return-value]
         (hal.BackendSpec("ref2", 1, hal.Availability.yes, lambda: None, reference=True), "claims to be the reference"),  # type: ignore[arg-type,return-value]
+        (
+            hal.BackendSpec("sick", 1, hal.Availability.yes, lambda: None, health=[]),  # type: ignore[arg-type,return-value]
+            "backend 'sick': health must be a callable returning hal.DeviceHealth rows, or None; got list",
+        ),
         ("not a spec", "takes a hal.BackendSpec"),
     ],
-    ids=["duplicate", "bad-name", "second-reference", "not-a-spec"],
+    ids=["duplicate", "bad-name", "second-reference", "health-not-callable", "not-a-spec"],
 )
 def test_invalid_backend_registration_is_reported(spec: Any, message: str) -> None:
     @hal.hookimpl
@@ -380,4 +407,18 @@ def test_conformance_kit_catches_wrong_routing() -> None:
     reg = cpu_registry(("bad", ops_plugin(("moe_route", shifted, {"backend": "cpu", "priority": 1}))))
     case = next(c for c in CASES if c.op == "moe_route")
     with pytest.raises(ConformanceFailure, match="chose other experts"):
+        run_case(reg.get_backend("cpu"), case, reg.reference_ops())
+
+
+def test_conformance_kit_catches_nan_fp8_values() -> None:
+    from hal_cpu.reference.gemm import quantize_fp8
+
+    def nan_values(x: torch.Tensor, **kwargs: Any) -> Any:
+        xq, xs = quantize_fp8(x, **kwargs)
+        # Right scales, every value NaN (0x7f in e4m3fn): NaN compares False with any bound.
+        return torch.full_like(xq.view(torch.uint8), 0x7F).view(xq.dtype), xs
+
+    reg = cpu_registry(("bad", ops_plugin(("quantize_fp8", nan_values, {"backend": "cpu", "priority": 1}))))
+    case = next(c for c in CASES if c.op == "quantize_fp8" and c.fp8 == torch.float8_e4m3fn)
+    with pytest.raises(ConformanceFailure, match="off by more than fp8 rounding"):
         run_case(reg.get_backend("cpu"), case, reg.reference_ops())

@@ -6,8 +6,12 @@ Two steps, so tests can feed simulated machines:
   then NVML through ``pynvml`` (package ``nvidia-ml-py``): driver version, the CUDA version the driver
   supports, device names and compute capabilities. NVML talks to the driver, not to the CUDA runtime,
   so it creates no context. Without ``pynvml`` it falls back to ``torch.cuda.device_count()``, which
-  does not create a context either, and only when torch is a CUDA build.
-- :func:`decide` turns the facts into an :class:`~hal.types.Availability`, pure and deterministic.
+  does not create a context either, and only when torch is a CUDA build. NVML also gives the NVLink
+  topology: each GPU's active links (``nvmlDeviceGetNvLinkState`` over ``NVML_NVLINK_MAX_LINKS``) and
+  what is at each link's far end (``nvmlDeviceGetNvLinkRemotePciInfo`` matched against the local GPUs'
+  PCI bus ids, ``nvmlDeviceGetNvLinkRemoteDeviceType`` for NVSwitches).
+- :func:`decide` turns the facts into an :class:`~hal.types.Availability`, pure and deterministic; its
+  ``details`` carry what ``hal info`` shows (driver, devices, architectures, NVLink topology).
 
 Every vendor call is wrapped in ``except Exception``: NVML fails in odd ways (``pynvml.nvmlInit()``
 raises ``NVMLError_LibraryNotFound`` on a machine without the driver), and each failure becomes the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +30,44 @@ import torch
 
 from hal.types import Availability
 
-__all__ = ["NvidiaFacts", "NvmlReading", "arch_of", "decide", "fp8_format_of", "gather", "probe"]
+__all__ = [
+    "NvLink",
+    "NvidiaFacts",
+    "NvmlReading",
+    "arch_of",
+    "decide",
+    "fp8_format_of",
+    "gather",
+    "nvlink_peers",
+    "nvlink_summary",
+    "probe",
+]
 
 #: The remedy for a torch without CUDA, shared by the CPU-build and ROCm-build reasons.
 _INSTALL_CUDA_TORCH = "install a CUDA build of torch (https://pytorch.org/get-started/locally/)"
+
+#: ``NVML_NVLINK_MAX_LINKS`` when ``pynvml`` does not define it (18 since NVML 11: Hopper's count).
+_NVLINK_MAX_LINKS = 18
+#: ``nvmlDeviceGetNvLinkRemoteDeviceType`` answers: GPU, IBM NPU, NVSwitch.
+_NVLINK_REMOTE_KINDS = {0: "gpu", 1: "unknown", 2: "nvswitch"}
+
+
+@dataclass(frozen=True)
+class NvLink:
+    """One active NVLink of one GPU.
+
+    :param link: the link's index on its GPU, ``0 .. NVML_NVLINK_MAX_LINKS - 1``.
+    :param remote: what is at the far end: ``"gpu"``, ``"nvswitch"`` or ``"unknown"`` (another kind of
+        device, or NVML could not tell).
+    :param peer: the far end's index among the GPUs NVML lists here (NVML order), when it is one of
+        them; ``None`` otherwise.
+    :param remote_bus_id: the far end's PCI bus id as ``"0000:18:00.0"``, ``""`` when NVML did not say.
+    """
+
+    link: int
+    remote: str
+    peer: int | None = None
+    remote_bus_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -40,12 +79,15 @@ class NvmlReading:
         when NVML could not tell.
     :param device_names: one per GPU, in NVML order (NVML ignores ``CUDA_VISIBLE_DEVICES``).
     :param compute_capabilities: ``(major, minor)`` per GPU, in the same order.
+    :param nvlinks: each GPU's active NVLinks, in the same order (``()`` for a GPU without any: PCIe
+        only); ``None`` when NVML could not tell (the reason is among the facts' notes).
     """
 
     driver_version: str
     cuda_driver_version: tuple[int, int] | None
     device_names: tuple[str, ...]
     compute_capabilities: tuple[tuple[int, int], ...]
+    nvlinks: tuple[tuple[NvLink, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,12 +162,20 @@ def _read_nvml(notes: list[str]) -> tuple[NvmlReading | None, str | None]:
             notes.append(f"NVML could not tell the driver's CUDA version: {type(exc).__name__}: {exc}")
         names: list[str] = []
         ccs: list[tuple[int, int]] = []
+        handles: list[Any] = []
         for index in range(int(pynvml.nvmlDeviceGetCount())):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handles.append(handle)
             names.append(_text(pynvml.nvmlDeviceGetName(handle)))
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
             ccs.append((int(major), int(minor)))
-        return NvmlReading(driver, cuda_driver, tuple(names), tuple(ccs)), None
+        nvlinks: tuple[tuple[NvLink, ...], ...] | None = None
+        if handles:
+            try:
+                nvlinks = _read_nvlinks(pynvml, handles, notes)
+            except Exception as exc:  # optional, like the CUDA version: the topology is then unknown
+                notes.append(f"NVML could not tell the NVLink topology: {type(exc).__name__}: {exc}")
+        return NvmlReading(driver, cuda_driver, tuple(names), tuple(ccs), nvlinks), None
     except Exception as exc:  # see above
         return None, _nvml_error(exc)
     finally:
@@ -133,6 +183,128 @@ def _read_nvml(notes: list[str]) -> tuple[NvmlReading | None, str | None]:
             pynvml.nvmlShutdown()
         except Exception as exc:  # the reading is already taken; say so rather than fail the probe
             notes.append(f"nvmlShutdown failed: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# NVLink topology
+# ---------------------------------------------------------------------------------------------------
+
+
+def _link_absent(exc: BaseException) -> bool:
+    """NVML's answer for a link index the GPU does not have: NotSupported (no NVLink at all, e.g. a
+    PCIe card) or InvalidArgument (past the GPU's link count)."""
+    kind = type(exc).__name__
+    # pynvml's error classes are made at run time (NVMLError_NotSupported, ...); .value is NVML's
+    # code: NVML_ERROR_INVALID_ARGUMENT = 2, NVML_ERROR_NOT_SUPPORTED = 3.
+    return "NotSupported" in kind or "InvalidArgument" in kind or getattr(exc, "value", None) in (2, 3)
+
+
+_BUS_ID = re.compile(r"([0-9a-fA-F]{1,8}):([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])")
+
+
+def _bus_id(pci_info: Any) -> str:
+    """A PCI bus id as ``"0000:18:00.0"`` from an ``nvmlPciInfo_t`` (its ``busId`` has 8 domain digits
+    in NVML's v3 struct and 4 in the legacy one), ``""`` when it cannot be read."""
+    raw = _text(getattr(pci_info, "busId", "")).strip().strip("\x00")
+    match = _BUS_ID.fullmatch(raw)
+    if match is not None:
+        domain, bus, device, function = (int(part, 16) for part in match.groups())
+        return f"{domain:04x}:{bus:02x}:{device:02x}.{function}"
+    try:
+        return f"{int(pci_info.domain):04x}:{int(pci_info.bus):02x}:{int(pci_info.device):02x}.0"
+    except Exception:  # neither a bus id string nor the numeric fields: unknown
+        return ""
+
+
+def _read_nvlinks(pynvml: Any, handles: list[Any], notes: list[str]) -> tuple[tuple[NvLink, ...], ...]:
+    """Each GPU's active NVLinks and their far ends. Absent links are skipped; an unexpected NVML
+    error on a link's state raises (the topology is then unknown); a far end NVML cannot describe is
+    ``"unknown"``, with a note."""
+    max_links = int(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", _NVLINK_MAX_LINKS))
+    enabled = int(getattr(pynvml, "NVML_FEATURE_ENABLED", 1))
+    local = {_bus_id(pynvml.nvmlDeviceGetPciInfo(handle)): index for index, handle in enumerate(handles)}
+    local.pop("", None)
+    remote_type = getattr(pynvml, "nvmlDeviceGetNvLinkRemoteDeviceType", None)
+    topology: list[tuple[NvLink, ...]] = []
+    for gpu, handle in enumerate(handles):
+        links: list[NvLink] = []
+        for link in range(max_links):
+            try:
+                state = pynvml.nvmlDeviceGetNvLinkState(handle, link)
+            except Exception as exc:  # see _link_absent; anything else makes the topology unknown
+                if _link_absent(exc):
+                    continue
+                raise
+            if int(state) != enabled:
+                continue
+            try:
+                bus = _bus_id(pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link))
+            except Exception as exc:  # the link is up; only its far end is unknown
+                notes.append(
+                    f"NVML could not tell the far end of GPU {gpu}'s NVLink {link}: {type(exc).__name__}: {exc}"
+                )
+                bus = ""
+            kind: str | None = None
+            if remote_type is not None:
+                try:
+                    kind = _NVLINK_REMOTE_KINDS.get(int(remote_type(handle, link)), "unknown")
+                except Exception:  # older drivers lack it: the bus id decides below
+                    kind = None
+            peer = local.get(bus) if bus else None
+            if kind is None:
+                kind = "gpu" if peer is not None else "unknown"
+            links.append(NvLink(link, kind, peer if kind == "gpu" else None, bus))
+        topology.append(tuple(links))
+    return tuple(topology)
+
+
+def nvlink_peers(nvlinks: tuple[tuple[NvLink, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """For each GPU, the other GPUs here it reaches over NVLink, ascending.
+
+    A direct link to a GPU makes it a peer. A link to an NVSwitch makes every other GPU with a link
+    to an NVSwitch a peer: one NVSwitch fabric per machine, as on HGX / DGX boards (a fabric manager
+    partition that splits them is not visible through these queries).
+    """
+    switched = {gpu for gpu, links in enumerate(nvlinks) if any(link.remote == "nvswitch" for link in links)}
+    peers: list[tuple[int, ...]] = []
+    for gpu, links in enumerate(nvlinks):
+        reach = {link.peer for link in links if link.remote == "gpu" and link.peer is not None}
+        if gpu in switched:
+            reach |= switched
+        reach.discard(gpu)
+        peers.append(tuple(sorted(reach)))
+    return tuple(peers)
+
+
+def _counts(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return f"{_plural(low, 'link')} each" if low == high else f"{low}-{high} links per GPU"
+
+
+def nvlink_summary(nvlinks: tuple[tuple[NvLink, ...], ...] | None) -> str:
+    """One line describing the topology, for ``hal info``."""
+    if nvlinks is None:
+        return "unknown (see notes)"
+    n = len(nvlinks)
+    counts = [len(links) for links in nvlinks]
+    if sum(counts) == 0:
+        return "none: no active NVLink (GPUs talk over PCIe)"
+    switch = any(link.remote == "nvswitch" for links in nvlinks for link in links)
+    via = ", through NVSwitch" if switch else ""
+    if n == 1:
+        return f"{_plural(counts[0], 'link')} active{via}; no other GPU here"
+    peers = nvlink_peers(nvlinks)
+    if all(len(p) == n - 1 for p in peers):
+        return f"all {n} GPUs connected, {_counts(counts)}{via}"
+    pairs = sorted({(min(a, b), max(a, b)) for a, reach in enumerate(peers) for b in reach})
+    linked = [gpu for gpu, reach in enumerate(peers) if reach]
+    shown = ", ".join(f"{a}-{b}" for a, b in pairs) or "none"
+    if not linked:  # links up, but to nothing identified as a GPU here
+        return f"{_plural(sum(counts), 'active link')}, none to a GPU identified here{via}"
+    return (
+        f"partial: {len(linked)} of {n} GPUs have NVLink peers ({_counts([counts[g] for g in linked])}{via}); "
+        f"linked pairs {shown}"
+    )
 
 
 def gather() -> NvidiaFacts:
@@ -192,6 +364,11 @@ def decide(facts: NvidiaFacts) -> Availability:
         details["devices"] = list(reading.device_names)
         details["compute_capability"] = [f"{a}.{b}" for a, b in reading.compute_capabilities]
         details["arch"] = [arch_of(cc) for cc in reading.compute_capabilities]
+        if reading.device_names:
+            details["nvlink"] = nvlink_summary(reading.nvlinks)
+            if reading.nvlinks is not None and any(reading.nvlinks):
+                details["nvlink_links"] = [len(links) for links in reading.nvlinks]
+                details["nvlink_peers"] = [list(p) for p in nvlink_peers(reading.nvlinks)]
     if facts.nvml_error is not None:
         details["nvml"] = facts.nvml_error
     elif not facts.pynvml_installed:

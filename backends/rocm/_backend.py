@@ -1,26 +1,32 @@
-"""Builds the ROCm backend: the GPU device, its capabilities and the runtime ops.
+"""Builds the ROCm backend: the GPU device, its capabilities, the runtime ops and the kernel ops.
 
-Imported only by the backend's ``load``, after selection; building initializes HIP (a context on the
-current device). ROCm builds of torch drive AMD GPUs under the ``cuda`` device type and the
-``torch.cuda`` API, so the runtime ops go through ``torch.cuda``. Until the Triton kernels land with
-their ROCm configs every compute op falls back to the reference implementation, which is
-device-agnostic torch and so runs on the GPU; collectives fall back to plain ``torch.distributed``,
-whose ``nccl`` backend is RCCL on ROCm.
+Imported only by the backend's ``load`` (after selection) and by its ``plan`` (``hal info`` on a machine
+without the GPU); importing it creates no HIP context, :func:`build` does. ROCm builds of torch drive
+AMD GPUs under the ``cuda`` device type and the ``torch.cuda`` API, so the runtime ops go through
+``torch.cuda``. The compute ops served by the shared Triton kernels (:mod:`hal_kernels`) are registered
+with the launch configs of this backend's tuning files (``tuning/<op>.json``, keyed by ``gfxNNN``,
+written for wave64 and CDNA's 64 KiB (gfx942) / 160 KiB (gfx950) of LDS; see
+:mod:`hal_kernels._tuning`), the FP8 ones only where the GPU has fp8 (FNUZ e4m3 on gfx942, OCP e4m3 on
+gfx950). Every other compute op falls back to the reference implementation, which is device-agnostic
+torch and so runs on the GPU; collectives fall back to plain ``torch.distributed``, whose ``nccl``
+backend is RCCL on ROCm.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from hal.backend import impl_name
 from hal.errors import BackendLoadError
 from hal.types import BackendImpl, Capabilities, MemoryStats
 from hal_rocm.probe import fp8_format_of
 
-__all__ = ["RUNTIME_OPS", "arch_of_gcn_name", "build"]
+__all__ = ["DEFAULT_ARCH", "RUNTIME_OPS", "TUNING_DIR", "arch_of_gcn_name", "build", "kernel_ops_for", "plan"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,6 +68,39 @@ RUNTIME_OPS: dict[str, Callable[..., Any]] = {
     "empty_cache": empty_cache,
     "pinned_empty": pinned_empty,
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel ops and the plan
+# ---------------------------------------------------------------------------------------------------
+
+#: this backend's kernel tuning files, one per op (package data).
+TUNING_DIR = Path(__file__).resolve().parent / "tuning"
+#: the architecture :func:`plan` describes when none is asked: MI300X / MI325X.
+DEFAULT_ARCH = "gfx942"
+
+
+def kernel_ops_for(arch: str, fp8_format: str | None) -> dict[str, Callable[..., Any]]:
+    """The Triton kernels' ops with this backend's tuning for ``arch`` bound (imports Triton); without
+    fp8 arithmetic (``fp8_format`` ``None``) the FP8 ops are left to the reference."""
+    from hal_kernels._tuning import backend_kernel_ops
+
+    return backend_kernel_ops(TUNING_DIR, arch, fp8_format)
+
+
+def plan(arch: str | None = None) -> Mapping[str, str]:
+    """Which implementation would serve each op on ``arch`` (``gfx942`` when ``None``), without a
+    device: the kernel ops as :func:`build` registers them there, and the runtime ops.
+
+    :raises ValueError: ``arch`` is not an AMD ``gfxNNN`` architecture.
+    """
+    from hal_kernels._tuning import ArchPlan, normalize_arch
+
+    key = normalize_arch(arch or DEFAULT_ARCH)
+    if not key.startswith("gfx"):
+        raise ValueError(f"arch {arch!r}: the rocm backend serves AMD architectures (gfx942, gfx950, …)")
+    ops = {**kernel_ops_for(key, fp8_format_of(key)), **RUNTIME_OPS}
+    return ArchPlan(key, {op: impl_name(fn) for op, fn in ops.items()})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,5 +153,11 @@ def build() -> BackendImpl:
             "current_device": str(index),
         },
     )
+    try:
+        kernels = kernel_ops_for(arch, caps.fp8_format)
+    except ImportError as exc:  # ROCm builds of torch ship Triton; a broken install says so here
+        raise BackendLoadError(
+            f"the Triton kernels cannot be imported ({type(exc).__name__}: {exc}); pip install 'hal-accel[rocm]'"
+        ) from exc
     # ROCm torch names its device type "cuda"; the bare device follows torch.cuda.set_device.
-    return BackendImpl(device=torch.device("cuda"), capabilities=caps, ops=dict(RUNTIME_OPS))
+    return BackendImpl(device=torch.device("cuda"), capabilities=caps, ops={**kernels, **RUNTIME_OPS})

@@ -21,9 +21,9 @@ benchmark times the combine alone).
 Each is compared with plain ``torch.distributed`` moving the same bytes (``all_reduce`` in place,
 ``all_to_all_single`` into a fresh output, as HAL's ``all_to_all`` returns one). For ``ep_dispatch`` and
 ``ep_combine`` the baseline is one ``all_to_all_single`` of the bytes the op really moves, with the
-op's own per-rank splits (dispatch: one row per (token, destination rank) of x, scales, local ids and
+op's own per-rank splits (dispatch: one row per (token, destination rank) of x, scales, expert ids and
 weights; combine: the received rows back), so the ratio is the overhead of the layer: the count
-exchange, routing, packing, the fp32 ``index_add_``. Bandwidths are reported the way nccl-tests does:
+exchange, routing, packing, the per-token sum. Bandwidths are reported the way nccl-tests does:
 ``algbw = bytes / t`` and ``busbw = algbw · 2(n-1)/n`` for all-reduce, ``algbw · (n-1)/n`` for
 all-to-all; for ``ep_dispatch`` / ``ep_combine`` ``bytes`` is the anchors' formula (BENCHMARKS.md:
 ``tokens·top_k`` selected experts of ``hidden + hidden/128·4 + 16`` bytes for an FP8 dispatch,
@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,7 @@ import torch.distributed as dist
 from hal.backend import Backend
 from hal.bench.shapes import Shape, ShapeSet, shape_set
 from hal.errors import BenchError
+from hal.testing.dist import free_port
 from hal.types import DispatchHandle
 
 __all__ = [
@@ -139,8 +139,8 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
     weights = torch.rand(tokens, top_k, generator=g)
     y = torch.zeros(sum(recv), hidden, dtype=torch.bfloat16)
     if op == "ep_dispatch":
-        # Per (token, destination) row: fp8 x, fp32 scales, int64 local ids, fp32 weights.
-        row = hidden + hidden // 128 * 4 + top_k * 12
+        # Per (token, destination) row: fp8 x, fp32 scales, int32 expert ids, fp32 weights (ep_dispatch's packed row).
+        row = hidden + hidden // 128 * 4 + top_k * 8
         wire = torch.zeros(sum(send), row, dtype=torch.uint8)
         wire_send, wire_recv = send, recv
     else:
@@ -230,12 +230,6 @@ def bandwidth(op: str, t: Any, seconds: float) -> dict[str, float]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _threads_per_rank() -> int:
     """Both ranks share this host's cores: each gets its share of intra-op threads (oversubscribed OpenMP
     threads spin against the other rank and make the ops' host work many times slower)."""
@@ -286,7 +280,7 @@ class Pair:
         self.backend = backend
         self._threads = torch.get_num_threads()
         torch.set_num_threads(_threads_per_rank())
-        port = _free_port()
+        port = free_port()
         ctx = multiprocessing.get_context("spawn")
         self._proc = ctx.Process(
             target=follower, args=(port, backend.name, shapes_name, str(dtype).removeprefix("torch.")), daemon=True

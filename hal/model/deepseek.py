@@ -12,6 +12,13 @@ reshapes, slices, concatenates, adds residuals and gathers embeddings.
   part is projected into the latent space (``q·W_UK``), ``mla_decode`` attends over the paged latent
   cache, and ``W_UV`` maps the latent output back to value space. ``absorbed=False`` computes the same
   step the expanded way (for checking).
+
+**Parallelism** (``parallel``, :mod:`hal.model.parallel`): under tensor parallelism each rank holds
+its heads of the MLA projections and its slice of the dense MLP, the shared experts and the LM head;
+``o_proj`` and ``down_proj`` give partial sums that one ``all_reduce`` completes, and an
+``all_gather`` assembles the logits. Under expert parallelism each rank holds its routed experts and
+runs them on the tokens ``ep_dispatch`` sends it. With ``ParallelConfig()`` (one process, the default)
+no collective runs and the computation is the single-process one, op for op.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from hal.backend import Backend
 from hal.errors import HALError
 from hal.kvcache import PagedKVCache
 from hal.model.config import ModelConfig
+from hal.model.parallel import ParallelConfig, local_shapes
 from hal.model.rope import cos_sin_cache
 from hal.model.weights import Fp8Weight, Int8Weight, Weight, checked_shapes, weight_nbytes
 from hal.ops.catalogue import BLOCK
@@ -87,7 +95,11 @@ class DeepseekModel:
         or :class:`~hal.model.weights.Fp8Weight` for linear layers. They are moved to the backend's
         device; floating tensors are cast to ``dtype`` (FP8 weights stay FP8).
     :param dtype: activation and weight dtype (``float32``, ``bfloat16``, ``float16``).
+    :param parallel: this rank's share of a tensor- / expert-parallel model; ``weights`` are then the
+        rank's own (:func:`hal.model.parallel.shard_state_dict`, or the loader's ``parallel``), checked
+        against :func:`hal.model.parallel.local_shapes`. ``None`` is one process.
     :raises ModelError: missing, unexpected or mis-shaped weights, each listed by name.
+    :raises hal.model.parallel.ParallelError: a layout the config does not divide into.
     """
 
     def __init__(
@@ -97,10 +109,14 @@ class DeepseekModel:
         weights: Mapping[str, Weight],
         *,
         dtype: torch.dtype = torch.float32,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ModelError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
-        missing, unexpected, mismatched = checked_shapes(cfg, weights)
+        par = parallel if parallel is not None else ParallelConfig()
+        par.check(cfg)
+        shapes = local_shapes(cfg, par) if parallel is not None else None
+        missing, unexpected, mismatched = checked_shapes(cfg, weights, shapes)
         problems = []
         for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if names:
@@ -109,13 +125,19 @@ class DeepseekModel:
         if problems:
             raise ModelError("the weights do not fit the config:\n  " + "\n  ".join(problems))
         self.cfg = cfg
+        self.par = par
+        self.heads = cfg.num_attention_heads // par.tp  # this rank's attention heads
         self.backend = backend
         self.dtype = dtype
         self.device = backend.device
         self._w = weights
         self.embed = self._dense("model.embed_tokens.weight")
         self.norm = self._dense("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else self._dense("lm_head.weight")
+        if cfg.tie_word_embeddings:
+            lo, hi = par.vocab_range(cfg)  # the whole vocabulary without tensor parallelism
+            self.lm_head = self.embed if par.tp == 1 else self.embed[lo:hi].contiguous()
+        else:
+            self.lm_head = self._dense("lm_head.weight")
         self.layers = [self._layer(i) for i in range(cfg.num_hidden_layers)]
         del self._w  # the containers above hold what is needed; drop the checkpoint-named view
         self.cos_sin = cos_sin_cache(cfg, device=self.device)
@@ -177,7 +199,7 @@ class DeepseekModel:
         a = p + "self_attn."
         lora = cfg.q_lora_rank is not None
         kv_b = self._linear(a + "kv_b_proj.weight")
-        w = self._float(kv_b).view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
+        w = self._float(kv_b).view(self.heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
         attn = _Attention(
             q=None if lora else self._linear(a + "q_proj.weight"),
             q_a=self._linear(a + "q_a_proj.weight") if lora else None,
@@ -195,7 +217,7 @@ class DeepseekModel:
         if not cfg.is_moe_layer(i):
             mlp = self._mlp(m)
         else:
-            experts = [self._mlp(f"{m}experts.{e}.") for e in range(cfg.n_routed_experts)]
+            experts = [self._mlp(f"{m}experts.{e}.") for e in self.par.local_experts(cfg)]
             bias = self._w.get(m + "gate.e_score_correction_bias")
             mlp = _Moe(
                 gate=self._float(self._w[m + "gate.weight"]).to(self.device),
@@ -364,7 +386,20 @@ class DeepseekModel:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = self.backend.rms_norm(h, self.norm, eps=self.cfg.rms_norm_eps)
-        return self.backend.gemm(x, self.lm_head, out_dtype=torch.float32)
+        logits = self.backend.gemm(x, self.lm_head, out_dtype=torch.float32)
+        if self.par.tp == 1:
+            return logits
+        # Each rank has its vocabulary columns [b, V / tp]; gathered along dim 0 they are [tp * b, V / tp].
+        parts = self.backend.all_gather(logits, group=self.par.group)
+        b = logits.shape[0]
+        return parts.view(self.par.tp, b, -1).transpose(0, 1).reshape(b, -1)
+
+    def _tp_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over the tensor-parallel ranks of a row-split GEMM's partial outputs (``o_proj``,
+        ``down_proj``); the output itself without tensor parallelism."""
+        if self.par.tp == 1:
+            return partial
+        return self.backend.all_reduce(partial, group=self.par.group)
 
     def _q_and_latent(
         self, a: _Attention, x: torch.Tensor, positions: torch.Tensor
@@ -377,7 +412,7 @@ class DeepseekModel:
         else:
             assert a.q_a is not None and a.q_a_norm is not None and a.q_b is not None  # built together
             q = self._gemm(be.rms_norm(self._gemm(x, a.q_a), a.q_a_norm, eps=cfg.rms_norm_eps), a.q_b)
-        q = q.view(x.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
+        q = q.view(x.shape[0], self.heads, cfg.qk_head_dim)
         q_nope = q[..., : cfg.qk_nope_head_dim]
         q_pe = be.rotary(
             q[..., cfg.qk_nope_head_dim :].contiguous(), positions, self.cos_sin, interleaved=cfg.rope_interleave
@@ -393,9 +428,9 @@ class DeepseekModel:
         """Per-head keys' no-rope part and values from latents: ``(k [T, h, qk_head], v [T, h, v_dim])``."""
         cfg = self.cfg
         c_kv, k_pe = latent[:, : cfg.kv_lora_rank].contiguous(), latent[:, cfg.kv_lora_rank :]
-        kv = self._gemm(c_kv, a.kv_b).view(latent.shape[0], cfg.num_attention_heads, -1)
+        kv = self._gemm(c_kv, a.kv_b).view(latent.shape[0], self.heads, -1)
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
-        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, cfg.num_attention_heads, -1)], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.heads, -1)], dim=-1)
         return k, v.contiguous()
 
     def _attention_prefill(
@@ -413,7 +448,7 @@ class DeepseekModel:
         k, v = self._expand(a, latent)
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = self.backend.attention_prefill(q, k, v, cu, cu, softmax_scale=self.softmax_scale, causal=True)
-        return self._gemm(out.reshape(x.shape[0], -1), a.o)
+        return self._tp_sum(self._gemm(out.reshape(x.shape[0], -1), a.o))
 
     def _attention_decode(
         self,
@@ -427,7 +462,7 @@ class DeepseekModel:
         seqlens: torch.Tensor,
     ) -> torch.Tensor:
         be, cfg = self.backend, self.cfg
-        b, heads = x.shape[0], cfg.num_attention_heads
+        b, heads = x.shape[0], self.heads
         q_nope, q_pe, latent = self._q_and_latent(a, x, positions)
         cache.write(layer, slot, latent.to(cache.dtype))
         every_row = torch.full((heads,), b, dtype=torch.int64, device=self.device)
@@ -439,7 +474,7 @@ class DeepseekModel:
         )
         # W_UV maps the attended latent back to value space, per head.
         o = be.grouped_gemm_masked(out[:, 0].transpose(0, 1).contiguous(), a.w_uv, every_row)
-        return self._gemm(o.transpose(0, 1).reshape(b, -1), a.o)
+        return self._tp_sum(self._gemm(o.transpose(0, 1).reshape(b, -1), a.o))
 
     def _attention_decode_expanded(
         self,
@@ -470,14 +505,14 @@ class DeepseekModel:
         cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=self.device)
         cu_k = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=self.device)
         out = self.backend.attention_prefill(q, k, v, cu_q, cu_k, softmax_scale=self.softmax_scale, causal=True)
-        return self._gemm(out.reshape(x.shape[0], -1), a.o)
+        return self._tp_sum(self._gemm(out.reshape(x.shape[0], -1), a.o))
 
     def _dense_mlp(self, m: _Mlp, x: torch.Tensor) -> torch.Tensor:
         return self._gemm(self.backend.silu_and_mul(self._gemm(x, m.gate_up)), m.down)
 
     def _mlp_forward(self, m: _Mlp | _Moe, x: torch.Tensor) -> torch.Tensor:
         if isinstance(m, _Mlp):
-            return self._dense_mlp(m, x)
+            return self._tp_sum(self._dense_mlp(m, x))
         be, cfg = self.backend, self.cfg
         logits = be.gemm(x.float(), m.gate)  # the router runs in fp32, as DeepSeek's and transformers' do
         grouped = cfg.topk_method != "greedy"
@@ -491,9 +526,49 @@ class DeepseekModel:
             routed_scaling_factor=cfg.routed_scaling_factor,
             scoring_func=cfg.scoring_func,
         )
-        perm = be.moe_permute(x, route.ids, cfg.n_routed_experts)
-        y = self._grouped(be.silu_and_mul(self._grouped(perm.x, m.gate_up, perm.offsets)), m.down, perm.offsets)
-        out = be.moe_unpermute(y, perm.order, route.weights)
+        if self.par.ep > 1:
+            return self._moe_expert_parallel(m, x, route.ids, route.weights)
+        out = self._experts(m, x, route.ids, route.weights, cfg.n_routed_experts)
         if m.shared is not None:
             out = out + self._dense_mlp(m.shared, x)
-        return out
+        # Under tensor parallelism every expert holds a slice of its intermediate dimension: partial sums.
+        return self._tp_sum(out)
+
+    def _experts(
+        self, m: _Moe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int
+    ) -> torch.Tensor:
+        """``Σ_j weights[t, j] · expert_{ids[t, j]}(x[t])`` over the experts in ``m`` (ids ``>= len`` of them
+        sort past the last offset, where the grouped GEMMs leave zeros, and must carry weight 0)."""
+        be = self.backend
+        perm = be.moe_permute(x, ids, num_experts)
+        offsets = perm.offsets[: m.gate_up.shape[0] + 1]
+        y = self._grouped(be.silu_and_mul(self._grouped(perm.x, m.gate_up, offsets)), m.down, offsets)
+        return be.moe_unpermute(y, perm.order, weights)
+
+    def _moe_expert_parallel(self, m: _Moe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The MoE of replicated tokens ``x`` with routed experts spread over the ranks.
+
+        This rank sends its chunk of the tokens to the experts' ranks (``ep_dispatch``), runs its own
+        experts on what it receives, gets its tokens' results back (``ep_combine``) and writes them into
+        its rows of a zero ``[T, H]`` buffer; the shared experts add theirs (a partial sum under tensor
+        parallelism, else this chunk's rows), and one ``all_reduce`` gives every rank every token.
+        """
+        be, par = self.backend, self.par
+        lo, hi = par.token_range(x.shape[0])
+        mine = x[lo:hi]
+        d = be.ep_dispatch(mine, ids[lo:hi], weights[lo:hi], num_experts=self.cfg.n_routed_experts, group=par.group)
+        n_local = m.gate_up.shape[0]
+        if d.x.shape[0]:
+            # An expert of another rank (-1) becomes the sink id n_local: past the last offset, weight 0.
+            local_ids = torch.where(d.topk_ids < 0, n_local, d.topk_ids)
+            y = self._experts(m, d.x, local_ids, d.topk_weights, n_local + 1)
+        else:
+            y = d.x.new_zeros(0, x.shape[1])
+        out = torch.zeros_like(x)
+        out[lo:hi] = be.ep_combine(y, d.handle, group=par.group)
+        if m.shared is not None:
+            if par.tp > 1:
+                out = out + self._dense_mlp(m.shared, x)
+            else:
+                out[lo:hi] += self._dense_mlp(m.shared, mine)
+        return be.all_reduce(out, group=par.group)

@@ -12,6 +12,10 @@ samples from ``softmax(logits / temperature)`` restricted to the top-p nucleus, 
 
 Every input is checked before any compute, so bad input raises :class:`GenerationError` and never
 leaves partial output behind.
+
+The checks (:func:`check_prompts`, :func:`check_sampling`, :func:`check_eos`) and the token choice
+(:class:`Sampler`, :func:`greedy`) are public so that :class:`hal.serving.AutoBatcher`, which schedules
+the same model calls per request, checks and chooses exactly as :func:`generate` does.
 """
 
 from __future__ import annotations
@@ -32,7 +36,18 @@ from hal.kvcache import PagedKVCache
 from hal.model.config import ModelConfig
 from hal.ops.catalogue import KV_BLOCK_SIZE
 
-__all__ = ["GenerationError", "GenerationResult", "GenerativeModel", "generate"]
+__all__ = [
+    "GenerationError",
+    "GenerationResult",
+    "GenerativeModel",
+    "Sampler",
+    "check_eos",
+    "check_prompts",
+    "check_sampling",
+    "check_seed",
+    "generate",
+    "greedy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,49 +137,57 @@ def _rate(tokens: int, seconds: float) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _int(value: object, what: str) -> int:
+def _int(value: object, what: str, where: str = "generate") -> int:
     # operator.index accepts int, numpy and 0-d torch integers, and refuses floats and strings;
     # bool is an int subclass but True as a token id is a mistake.
     if isinstance(value, bool):
-        raise GenerationError(f"generate: {what} must be an int, got {value!r}")
+        raise GenerationError(f"{where}: {what} must be an int, got {value!r}")
     try:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise GenerationError(f"generate: {what} must be an int, got {value!r}") from None
+        raise GenerationError(f"{where}: {what} must be an int, got {value!r}") from None
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int) -> list[list[int]]:
+def check_prompts(
+    prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int, *, where: str = "generate"
+) -> list[list[int]]:
+    """Prompts as lists of ints, each checked against the vocabulary and ``max_position_embeddings``.
+
+    :param where: the caller's name, which starts every error message.
+    :raises GenerationError: an empty batch or prompt, a non-integer or out-of-vocabulary id, or a
+        prompt that with ``max_new_tokens`` outgrows ``max_position_embeddings``.
+    """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence | torch.Tensor):
-        raise GenerationError(f"generate: prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        raise GenerationError(f"{where}: prompts must be a list of token-id lists, got {type(prompts).__name__}")
     if len(prompts) == 0:
-        raise GenerationError("generate: prompts is empty; give at least one prompt (a list of token ids)")
+        raise GenerationError(f"{where}: prompts is empty; give at least one prompt (a list of token ids)")
     vocab, max_pos = cfg.vocab_size, cfg.max_position_embeddings
     checked: list[list[int]] = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, torch.Tensor):
             if prompt.dim() != 1:
                 shape = list(prompt.shape)
-                raise GenerationError(f"generate: prompt {i}: expected a 1-d tensor of ids, got shape {shape}")
+                raise GenerationError(f"{where}: prompt {i}: expected a 1-d tensor of ids, got shape {shape}")
             prompt = prompt.tolist()
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise GenerationError(f"generate: prompt {i}: expected a list of token ids, got {type(prompt).__name__}")
-        ids = [_int(t, f"prompt {i}: token {j}") for j, t in enumerate(prompt)]
+            raise GenerationError(f"{where}: prompt {i}: expected a list of token ids, got {type(prompt).__name__}")
+        ids = [_int(t, f"prompt {i}: token {j}", where) for j, t in enumerate(prompt)]
         if not ids:
-            raise GenerationError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+            raise GenerationError(f"{where}: prompt {i} is empty; every prompt needs at least one token")
         bad = [(j, t) for j, t in enumerate(ids) if not 0 <= t < vocab]
         if bad:
             shown = ", ".join(f"{t} at position {j}" for j, t in bad[:5]) + (" …" if len(bad) > 5 else "")
             raise GenerationError(
-                f"generate: prompt {i}: token ids must lie in [0, {vocab}) (the vocabulary), got {shown}"
+                f"{where}: prompt {i}: token ids must lie in [0, {vocab}) (the vocabulary), got {shown}"
             )
         if len(ids) > max_pos:
             raise GenerationError(
-                f"generate: prompt {i} has {len(ids)} tokens, more than max_position_embeddings ({max_pos}); shorten it"
+                f"{where}: prompt {i} has {len(ids)} tokens, more than max_position_embeddings ({max_pos}); shorten it"
             )
         # The last new token is returned, never fed back: positions run up to len + max_new_tokens - 2.
         if len(ids) + max_new_tokens - 1 > max_pos:
             raise GenerationError(
-                f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the sequence "
+                f"{where}: prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the sequence "
                 f"would outgrow max_position_embeddings ({max_pos}); lower max_new_tokens to at most "
                 f"{max_pos - len(ids) + 1}"
             )
@@ -172,19 +195,42 @@ def _check_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_t
     return checked
 
 
-def _check_args(max_new_tokens: object, temperature: object, top_p: object) -> tuple[int, float, float]:
-    steps = _int(max_new_tokens, "max_new_tokens")
+def check_sampling(
+    max_new_tokens: object, temperature: object, top_p: object, *, where: str = "generate"
+) -> tuple[int, float, float]:
+    """``(max_new_tokens, temperature, top_p)`` checked and normalized (int, float, float).
+
+    :raises GenerationError: ``max_new_tokens`` not an int >= 0, ``temperature`` not a finite number
+        >= 0, ``top_p`` outside ``(0, 1]``.
+    """
+    steps = _int(max_new_tokens, "max_new_tokens", where)
     if steps < 0:
-        raise GenerationError(f"generate: max_new_tokens must be >= 0, got {steps}")
+        raise GenerationError(f"{where}: max_new_tokens must be >= 0, got {steps}")
     if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-        raise GenerationError(f"generate: temperature must be a number, got {temperature!r}")
+        raise GenerationError(f"{where}: temperature must be a number, got {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
-        raise GenerationError(f"generate: temperature must be finite and >= 0 (0 is greedy), got {temperature}")
+        raise GenerationError(f"{where}: temperature must be finite and >= 0 (0 is greedy), got {temperature}")
     if isinstance(top_p, bool) or not isinstance(top_p, int | float):
-        raise GenerationError(f"generate: top_p must be a number, got {top_p!r}")
+        raise GenerationError(f"{where}: top_p must be a number, got {top_p!r}")
     if not 0 < top_p <= 1:
-        raise GenerationError(f"generate: top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
+        raise GenerationError(f"{where}: top_p must lie in (0, 1] (1 keeps every token), got {top_p}")
     return steps, float(temperature), float(top_p)
+
+
+def check_eos(eos_token_ids: Sequence[int] | None, cfg: ModelConfig, *, where: str = "generate") -> frozenset[int]:
+    """The end-of-sequence ids: ``eos_token_ids``, or the config's when ``None`` (empty: never stop early).
+
+    :raises GenerationError: not a sequence of ints.
+    """
+    eos_source = cfg.eos_token_id if eos_token_ids is None else eos_token_ids
+    if isinstance(eos_source, (str, bytes)) or not isinstance(eos_source, Sequence | torch.Tensor):
+        raise GenerationError(f"{where}: eos_token_ids must be a sequence of ints or None, got {eos_source!r}")
+    return frozenset(_int(t, "eos_token_ids", where) for t in eos_source)
+
+
+def check_seed(seed: object, *, where: str = "generate") -> int | None:
+    """``seed`` as an int, or ``None`` (draw a fresh seed). :raises GenerationError: not an int."""
+    return None if seed is None else _int(seed, "seed", where)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,13 +238,24 @@ def _check_args(max_new_tokens: object, temperature: object, top_p: object) -> t
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Sampler:
-    """Chooses one token per row of logits: greedy, or temperature + top-p sampling from one generator."""
+def greedy(logits: torch.Tensor) -> list[int]:
+    """The ``argmax`` of each row of ``[b, vocab]`` logits (ties go to the lowest id)."""
+    return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+
+
+class Sampler:
+    """Chooses one token per row of logits: greedy, or temperature + top-p sampling from one generator.
+
+    :param temperature: 0 is greedy (:func:`greedy`); above 0 samples from ``softmax(logits / temperature)``.
+    :param top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p``.
+    :param seed: seeds the generator (made on first use, on the logits' device); ``None`` draws a seed.
+    """
 
     def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
+        self.draws = 0  # calls that sampled (greedy calls draw nothing)
         self._generator: torch.Generator | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
@@ -211,10 +268,31 @@ class _Sampler:
                 self._generator.manual_seed(self.seed)
         return self._generator
 
+    def to(self, device: torch.device | str) -> None:
+        """Draw on ``device`` from now on (a model moved there, after a failover).
+
+        Within one device type the generator's state moves along, so the draws go on exactly as they
+        would have; across types (whose generators differ) a generator seeded from ``seed`` and the
+        number of draws so far takes over: reproducible, but not the draws an undisturbed run makes.
+        """
+        old = self._generator
+        device = torch.device(device)
+        if old is None or old.device == device:
+            return
+        new = torch.Generator(device=device)
+        if old.device.type == device.type:
+            new.set_state(old.get_state())
+        elif self.seed is None:
+            new.seed()
+        else:
+            new.manual_seed((self.seed * 1_000_003 + self.draws) % 2**63)
+        self._generator = new
+
     def __call__(self, logits: torch.Tensor) -> list[int]:
         """:param logits: ``[b, vocab]``. :returns: b token ids."""
         if self.temperature == 0:
-            return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+            return greedy(logits)
+        self.draws += 1
         # Subtract the row maximum before dividing: a small temperature would overflow raw logits to inf.
         z = logits.float()
         z = (z - z.max(dim=-1, keepdim=True).values) / self.temperature
@@ -270,15 +348,11 @@ def generate(
         ``max_new_tokens`` outgrows ``max_position_embeddings``, ``max_new_tokens < 0``,
         ``temperature < 0``, ``top_p`` outside ``(0, 1]``, or a bad ``eos_token_ids`` / ``num_blocks``.
     """
-    steps, temperature, top_p = _check_args(max_new_tokens, temperature, top_p)
+    steps, temperature, top_p = check_sampling(max_new_tokens, temperature, top_p)
     cfg = model.cfg
-    ids = _check_prompts(prompts, cfg, steps)
-    eos_source = cfg.eos_token_id if eos_token_ids is None else eos_token_ids
-    if isinstance(eos_source, (str, bytes)) or not isinstance(eos_source, Sequence | torch.Tensor):
-        raise GenerationError(f"generate: eos_token_ids must be a sequence of ints or None, got {eos_source!r}")
-    eos = frozenset(_int(t, "eos_token_ids") for t in eos_source)
-    if seed is not None:
-        seed = _int(seed, "seed")
+    ids = check_prompts(prompts, cfg, steps)
+    eos = check_eos(eos_token_ids, cfg)
+    seed = check_seed(seed)
     if num_blocks is None:
         num_blocks = sum(-(-(len(p) + steps) // KV_BLOCK_SIZE) for p in ids)
     else:
@@ -286,7 +360,7 @@ def generate(
         if num_blocks <= 0:
             raise GenerationError(f"generate: num_blocks must be a positive int, got {num_blocks}")
     level = logging.INFO if progress else logging.DEBUG
-    sampler = _Sampler(temperature, top_p, seed)
+    sampler = Sampler(temperature, top_p, seed)
     backend = model.backend
     batch = len(ids)
     tokens: list[list[int]] = [[] for _ in ids]

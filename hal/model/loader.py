@@ -32,9 +32,16 @@ from safetensors.torch import save_file
 
 from hal.errors import HALError
 from hal.model.config import ModelConfig
+from hal.model.parallel import DROP, ParallelConfig, Split, shard_weight, split_for
 from hal.model.weights import Fp8Weight, Int8Weight, Weight, checked_shapes, expected_shapes, is_linear
 from hal.progress import Progress
-from hal.quant import dequantize_fp8_blocks, dequantize_int8_rows, quantize_fp8_blocks, quantize_int8_rows
+from hal.quant import (
+    dequantize_fp8_blocks,
+    dequantize_int8_rows,
+    e4m3fn_to_fnuz,
+    quantize_fp8_blocks,
+    quantize_int8_rows,
+)
 
 if TYPE_CHECKING:
     from hal.backend import Backend
@@ -125,6 +132,7 @@ def load_weights(
     dequantize_fp8: bool = False,
     fp8_to_int8: bool = False,
     progress: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> dict[str, Weight]:
     """Read every weight of ``cfg`` from the safetensors of ``model_dir``, checked and converted.
 
@@ -142,6 +150,10 @@ def load_weights(
     :param fp8_to_int8: return them as W8A8 ``Int8Weight`` instead, converted from their exact fp32
         values (for a backend with INT8 but no FP8).
     :param progress: show a progress line on stderr while reading tensors.
+    :param parallel: read only this rank's share (:mod:`hal.model.parallel`): routed experts of other
+        ranks are skipped, and a split weight is read as its slice straight from the memory-mapped file,
+        except FP8 weights and weights quantized at load, which are converted whole (as in one process)
+        and then cut (FP8 on 128-block boundaries only). The headers are checked against the full shapes.
     :returns: checkpoint-named weights, in :func:`~hal.model.weights.expected_shapes` order, on the CPU.
     :raises ModelLoadError: missing directory or files, corrupt files, missing, unexpected or mis-shaped
         keys, an FP8 weight without its scale (all problems found are listed together).
@@ -161,6 +173,8 @@ def load_weights(
     if not root.is_dir():
         raise ModelLoadError(f"{root}: no such model directory")
     expected = expected_shapes(cfg)
+    if parallel is not None:
+        parallel.check(cfg)  # before any file is opened
     files = _checkpoint_files(root)
 
     with ExitStack() as stack:
@@ -173,7 +187,13 @@ def load_weights(
         with Progress(len(expected), f"loading {root.name or root}", enabled=progress) as bar:
             for name in expected:
                 entry = entries[name]
-                t = _get(handles[entry.path], entry.path, name)
+                split = None if parallel is None else split_for(name, entry.shape, cfg, parallel)
+                if split == DROP:  # a routed expert another rank owns
+                    bar.update()
+                    continue
+                # Plain weights are read as their slice; the others are converted whole, then cut below.
+                read_slice = isinstance(split, Split) and not entry.is_fp8 and not (quantize and is_linear(name))
+                t = _get(handles[entry.path], entry.path, name, split if read_slice else None)
                 if entry.is_fp8:
                     w = _fp8(handles, entries, name, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
                     if fp8_to_int8 and isinstance(w, Fp8Weight):
@@ -195,6 +215,8 @@ def load_weights(
                         unquantized.append(name)
                 else:
                     weights[name] = t.to(dtype)
+                if isinstance(split, Split) and not read_slice:
+                    weights[name] = shard_weight(name, weights[name], split)
                 bar.update()
 
     if quantize == "int8":
@@ -221,6 +243,7 @@ def load_model(
     quantize: str | None = None,
     dequantize_fp8: bool = False,
     progress: bool = True,
+    parallel: ParallelConfig | None = None,
 ) -> DeepseekModel:
     """Build a :class:`~hal.model.deepseek.DeepseekModel` from a Hugging Face model directory.
 
@@ -236,6 +259,8 @@ def load_model(
     :param dequantize_fp8: on a backend without FP8, load an FP8 checkpoint as ``dtype`` weights rather
         than as W8A8 INT8.
     :param progress: show a progress line on stderr while reading tensors.
+    :param parallel: this rank's share of a tensor- / expert-parallel model (only its slices are read);
+        ``None`` is one process.
     :raises ModelLoadError: see :func:`load_weights`; also ``quantize="fp8"`` on a backend without FP8.
     :raises hal.model.config.ConfigError: a ``config.json`` the model cannot run with.
     """
@@ -275,8 +300,9 @@ def load_model(
         dequantize_fp8=policy == "dequantize",
         fp8_to_int8=policy == "int8",
         progress=progress,
+        parallel=parallel,
     )
-    return DeepseekModel(cfg, backend, weights, dtype=dtype)
+    return DeepseekModel(cfg, backend, weights, dtype=dtype, parallel=parallel)
 
 
 def save_fp8_checkpoint(weights: Mapping[str, Weight], cfg_dict: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -361,9 +387,15 @@ def _open(stack: ExitStack, path: Path) -> Any:
         raise ModelLoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
 
 
-def _get(handle: Any, path: Path, key: str) -> torch.Tensor:
+def _get(handle: Any, path: Path, key: str, split: Split | None = None) -> torch.Tensor:
+    """Tensor ``key``, or only its slice ``split`` (read from the memory map, the rest untouched)."""
     try:
-        t: torch.Tensor = handle.get_tensor(key)
+        if split is None:
+            t: torch.Tensor = handle.get_tensor(key)
+        elif split.dim == 0:
+            t = handle.get_slice(key)[split.start : split.stop]
+        else:
+            t = handle.get_slice(key)[:, split.start : split.stop]
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{path}: {key}: could not be read (truncated or corrupt file?): {exc}") from None
     return t
@@ -516,18 +548,16 @@ def _has_fp8_weights(root: Path) -> bool:
 def _to_fp8_format(q: torch.Tensor, s: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The same block-scaled values with the data in the ``target`` E4M3 format.
 
-    e4m3fn → e4m3fnuz is exact: e4m3fnuz's exponent bias is one larger, so the same bits are worth half
-    as much; the bits are kept and the scale doubled. The one pattern that differs in meaning, 0x80
-    (-0 in e4m3fn, NaN in e4m3fnuz), becomes +0. The other way the bits cannot be kept (0x7F is
-    e4m3fnuz's 240 but e4m3fn's NaN), so values are converted with the scale unchanged: every e4m3fnuz
-    value is an e4m3fn value except the smallest subnormal (2^-10), which rounds.
+    e4m3fn → e4m3fnuz is exact (:func:`hal.quant.e4m3fn_to_fnuz`): e4m3fnuz's exponent bias is one
+    larger, so the same bits are worth half as much; the bits are kept and the scale doubled, -0 (FNUZ's
+    NaN pattern) becomes +0 and e4m3fn's NaNs become FNUZ's NaN. The other way the bits cannot be kept
+    (0x7F is e4m3fnuz's 240 but e4m3fn's NaN), so values are converted with the scale unchanged: every
+    e4m3fnuz value is an e4m3fn value except the smallest subnormal (2^-10), which rounds.
     """
     if q.dtype == target:
         return q, s
     if target == torch.float8_e4m3fnuz:
-        bits = q.view(torch.uint8)
-        bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
-        return bits.view(target), s * 2.0
+        return e4m3fn_to_fnuz(q, s)
     return q.float().to(target), s
 
 

@@ -147,9 +147,14 @@ def random_state_dict(
     return weights
 
 
-def checked_shapes(cfg: ModelConfig, weights: Mapping[str, Weight]) -> tuple[list[str], list[str], list[str]]:
-    """``(missing, unexpected, mismatched)`` key lists of ``weights`` against :func:`expected_shapes`."""
-    expected = expected_shapes(cfg)
+def checked_shapes(
+    cfg: ModelConfig, weights: Mapping[str, Weight], expected: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, mismatched)`` key lists of ``weights`` against ``expected`` (``None``:
+    :func:`expected_shapes`; a tensor- or expert-parallel rank passes its
+    :func:`hal.model.parallel.local_shapes`)."""
+    if expected is None:
+        expected = expected_shapes(cfg)
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     mismatched = [

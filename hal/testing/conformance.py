@@ -207,7 +207,8 @@ def _compare_quantize(out: Any, ref: Any, args: Args) -> None:
     # e4m3 keeps 3 mantissa bits: rounding moves a normal value by at most 2^-4 of itself; below the
     # smallest normal the step is fixed (2^-3 of it).
     bound = x.abs() * 2.0**-4 + torch.finfo(rq.dtype).smallest_normal * 2.0**-3 * scale + 1e-12
-    bad = (deq - x).abs() > bound
+    # A NaN compares False with everything: count it as wrong explicitly (x itself is finite).
+    bad = ((deq - x).abs() > bound) | deq.isnan()
     if bad.any():
         raise ConformanceFailure(f"quantize_fp8: {int(bad.sum())} of {x.numel()} values off by more than fp8 rounding")
 

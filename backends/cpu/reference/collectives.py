@@ -14,9 +14,11 @@ These are the fallback of every backend, so they use only what every torch.distr
 - Transports need contiguous buffers; a non-contiguous in-place argument is reduced or received in a
   contiguous copy that is copied back into it.
 - Expert parallelism (``ep_dispatch`` / ``ep_combine``, DeepEP's normal mode) is built from the same
-  pieces: one ``all_to_all_single`` of the per-rank row counts (read on the host for the splits), then
-  one ``all_to_all_single`` of the rows packed as bytes (x, its scales, the local expert ids and the
-  weights side by side in one ``uint8`` row), so a dispatch costs two collectives whatever it carries.
+  pieces: one ``all_to_all_single`` of the per-rank row counts (asynchronous: it travels while the rows
+  are packed; the host needs the counts for the splits), then one ``all_to_all_single`` of the rows
+  packed as bytes (x, its scales, the global expert ids and the weights side by side in one ``uint8``
+  row, each field 8-byte aligned so the receiver reads them as views), so a dispatch costs two
+  collectives whatever it carries; a combine costs one.
 
 Inputs are validated by :mod:`hal.ops.catalogue` before these run. A transport failure (a peer that
 exited, a collective that stalled past the process group's timeout) is raised as
@@ -161,18 +163,24 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def _unbytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of :func:`_bytes`: ``[n, m * itemsize]`` bytes (a column slice is fine) as ``dtype``."""
+def _unbytes(b: torch.Tensor, dtype: torch.dtype, *, copy: bool = False) -> torch.Tensor:
+    """The inverse of :func:`_bytes` on a column slice of packed byte rows: a view where the slice's
+    offset and row stride suit ``dtype`` (the packing aligns them), else (or with ``copy``) a copy."""
+    width = b.shape[1] // dtype.itemsize
     if b.shape[0] == 0:  # an empty slice keeps the packed row's stride, which view() may refuse
-        return torch.empty(0, b.shape[1] // dtype.itemsize, dtype=dtype, device=b.device)
+        return torch.empty(0, width, dtype=dtype, device=b.device)
+    if not copy:
+        try:
+            return b.view(dtype)
+        except RuntimeError:  # offset or stride not a multiple of the itemsize
+            pass
     return b.contiguous().view(dtype)
 
 
-def _exchange_counts(send_counts: torch.Tensor, group: Any) -> list[int]:
-    """Rows this rank receives from each rank, given the rows it sends to each (``[world]`` int64)."""
-    recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts, group=group)
-    return [int(c) for c in recv.tolist()]
+def _aligned(n: int) -> int:
+    """``n`` rounded up to 8 bytes: every field of a packed row starts on a multiple of 8, so the receiver
+    reads scales, ids and weights as views of the received bytes."""
+    return -(-n // 8) * 8
 
 
 @collective_guard("ep_dispatch")
@@ -189,44 +197,57 @@ def ep_dispatch(
 
     The rows sent to a rank are ordered by token index, and ``all_to_all_single`` concatenates what
     arrives in source-rank order, which gives ``Dispatched``'s order (source rank, then source token).
-    Each row travels as one byte row ``[x | x_scales | local ids | weights]``.
+
+    Cost: two collectives, the row counts (started asynchronously, so its latency overlaps the packing)
+    and the rows. Each token is packed once into a byte row ``[x | x_scales | global ids (int32) |
+    weights]`` (fields 8-byte aligned) and the rows are gathered per destination with one
+    ``index_select``; the receiver turns global ids into local ones (``-1`` and weight 0 for another
+    rank's experts) and reads the metadata as views of the received bytes.
     """
     world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
     local = num_experts // world
-    num_tokens, top_k = topk_ids.shape
-    ids = topk_ids.to(torch.int64)
-    owner = ids // local  # [T, top_k] the rank owning each selected expert
-    # goes[r, t]: token t goes to rank r (once, however many of r's experts it selected).
-    goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=x.device)
-    goes[owner.reshape(-1), torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)] = True
-    dst, send_index = goes.nonzero(as_tuple=True)  # row-major: by destination rank, then token
+    num_tokens = topk_ids.shape[0]
+    dev = x.device
+    # goes[r, t]: token t selected at least one of rank r's experts (it is sent there once).
+    owner = torch.div(topk_ids, local, rounding_mode="floor").long()
+    goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev).scatter_(0, owner.t(), True)
     send_counts = goes.sum(dim=1)
-    recv_counts = _exchange_counts(send_counts, group)
+    recv_counts_t = torch.empty_like(send_counts)
+    pending = dist.all_to_all_single(recv_counts_t, send_counts, group=group, async_op=True)
 
-    # What the destination sees: its local ids (-1 for another rank's expert) and weights (0 there).
-    mine = owner[send_index] == dst[:, None]
-    send_ids = torch.where(mine, ids[send_index] - dst[:, None] * local, -1)
-    send_w = torch.where(mine, topk_weights[send_index], 0.0)
-    parts = [x[send_index], send_ids, send_w.to(torch.float32)]
-    if x_scales is not None:
-        parts.insert(1, x_scales[send_index].to(torch.float32))
-    packed = [_bytes(p) for p in parts]
-    widths = [p.shape[1] for p in packed]
-    send = torch.cat(packed, dim=1)
-    recv = torch.empty(sum(recv_counts), send.shape[1], dtype=torch.uint8, device=x.device)
-    dist.all_to_all_single(
-        recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts.tolist(), group=group
-    )
+    # While the counts travel: one packed byte row per token, then the rows each rank gets, by rank.
+    fields = [x] + ([x_scales.to(torch.float32)] if x_scales is not None else [])
+    fields += [topk_ids.to(torch.int32), topk_weights.to(torch.float32)]
+    packed = [_bytes(f) for f in fields]
+    widths = [_aligned(p.shape[1]) for p in packed]
+    if widths == [p.shape[1] for p in packed]:
+        table = torch.cat(packed, dim=1)
+    else:  # a field to pad (an odd hidden size, a top_k of 1)
+        table = torch.zeros(num_tokens, sum(widths), dtype=torch.uint8, device=dev)
+        at = 0
+        for p, w in zip(packed, widths, strict=True):
+            table[:, at : at + p.shape[1]] = p
+            at += w
+    send_index = goes.nonzero()[:, 1]  # row-major: by destination rank, then token
+    send = table.index_select(0, send_index)
+    send_list = [int(c) for c in send_counts.tolist()]
+
+    pending.wait()
+    recv_counts = [int(c) for c in recv_counts_t.tolist()]
+    recv = torch.empty(sum(recv_counts), table.shape[1], dtype=torch.uint8, device=dev)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_list, group=group)
+
     cols = recv.split(widths, dim=1)
-    got_x = _unbytes(cols[0], x.dtype)
+    cols = [c[:, : p.shape[1]] for c, p in zip(cols, packed, strict=True)]
+    got_x = _unbytes(cols[0], x.dtype, copy=True)  # contiguous, as kernels take it
     got_scales = _unbytes(cols[1], torch.float32) if x_scales is not None else None
-    got_ids = _unbytes(cols[-2], torch.int64)
-    got_w = _unbytes(cols[-1], torch.float32)
+    got_ids = _unbytes(cols[-2], torch.int32).long() - rank * local
+    mine = (got_ids >= 0) & (got_ids < local)
+    got_ids = got_ids.masked_fill_(~mine, -1)
+    got_w = _unbytes(cols[-1], torch.float32).masked_fill(~mine, 0.0)
     handle = DispatchHandle(
-        send_index=send_index,
-        send_counts=[int(c) for c in send_counts.tolist()],
-        recv_counts=recv_counts,
-        num_tokens=num_tokens,
+        send_index=send_index, send_counts=send_list, recv_counts=recv_counts, num_tokens=num_tokens
     )
     return Dispatched(got_x, got_scales, got_ids, got_w, handle)
 
@@ -235,17 +256,46 @@ def ep_dispatch(
 def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) -> torch.Tensor:
     """Send every received row's result back and sum per token; see :func:`hal.ops.catalogue.ep_combine`.
 
-    The reverse of the dispatch's exchange (splits swapped), then an fp32 ``index_add_`` of the rows
-    into their tokens, returned in y's dtype.
+    The reverse of the dispatch's exchange (splits swapped). A token gets at most one row back from each
+    rank it was sent to, so its sum has ``m <= min(world, top_k)`` terms: rather than an ``index_add_``
+    over every row (a scatter, in fp32, with two dtype conversions of every row for bf16), the rows are
+    gathered into ``m`` token-ordered ``[T, H]`` slices (a zero row where a token has fewer terms) and
+    added in source-rank order. Two terms are added in y's dtype, which for bf16 / fp16 is the fp32 sum
+    rounded once, as an fp32 accumulation gives; more are accumulated in fp32.
     """
-    back = torch.empty(sum(handle.send_counts), y.shape[1], dtype=y.dtype, device=y.device)
+    rows, hidden = sum(handle.send_counts), y.shape[1]
+    back = torch.empty(rows + 1, hidden, dtype=y.dtype, device=y.device)  # the last row stays zero
     dist.all_to_all_single(
-        _bytes(back),
+        _bytes(back[:rows]),
         _bytes(y),
         output_split_sizes=list(handle.send_counts),
         input_split_sizes=list(handle.recv_counts),
         group=group,
     )
-    out = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-    out.index_add_(0, handle.send_index.to(device=y.device), back.to(torch.float32))
-    return out.to(y.dtype)
+    back[rows].zero_()
+    return _sum_by_token(back, handle.send_index.to(device=y.device), handle.num_tokens)
+
+
+def _sum_by_token(back: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``out[t] = Σ back[r]`` over the rows ``r`` with ``token[r] == t``, in row order, fp32-accurate.
+
+    :param back: [R + 1, H], the rows then one zero row.
+    :param token: int64 [R], each row's token.
+    :returns: back's dtype [num_tokens, H].
+    """
+    rows, hidden = back.shape[0] - 1, back.shape[1]
+    if rows == 0 or num_tokens == 0:
+        return torch.zeros(num_tokens, hidden, dtype=back.dtype, device=back.device)
+    # pos[j, t]: the row of token t's j-th term (in row order), else the zero row.
+    counts = torch.bincount(token, minlength=num_tokens)
+    terms = int(counts.max())
+    by_token, row = torch.sort(token, stable=True)
+    slot = torch.arange(rows, device=back.device) - (counts.cumsum(0) - counts)[by_token]
+    pos = torch.full((terms, num_tokens), rows, dtype=torch.int64, device=back.device)
+    pos[slot, by_token] = row
+    out = back.index_select(0, pos[0])
+    if terms > 2 and back.dtype != torch.float32:
+        out = out.float()
+    for j in range(1, terms):
+        out += back.index_select(0, pos[j])
+    return out.to(back.dtype)

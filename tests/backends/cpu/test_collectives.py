@@ -9,20 +9,14 @@ collective on its own, in a single process, and compares.
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import socket
 import time
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hal.ops.catalogue import CATALOGUE
+from hal.testing.dist import run_checks
 from hal_cpu.reference import collectives as ref
 
 WORLD = 2
@@ -190,45 +184,14 @@ _CHECKS: dict[str, Callable[[int], None]] = {
 }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    verdicts: dict[str, str | None] = {}
-    try:
-        for name, check in _CHECKS.items():
-            try:
-                check(rank)
-                verdicts[name] = None
-            except Exception:  # recorded, and reported by that check's test
-                verdicts[name] = traceback.format_exc()
-    finally:
-        dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(verdicts))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
     """Run every check in one 2-process gloo job; one dict of check name → traceback (None: passed) per rank."""
     out_dir = tmp_path_factory.mktemp("collectives")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the 2-process gloo job did not finish within {JOIN_TIMEOUT_S:.0f} s (a hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+        return run_checks(_CHECKS, out_dir=out_dir, world=WORLD, timeout_s=JOIN_TIMEOUT_S)
+    except TimeoutError as e:
+        pytest.fail(f"the 2-process gloo job did not finish: {e}")
 
 
 def test_signatures_match_the_catalogue() -> None:

@@ -9,21 +9,15 @@ dispatch → local experts → combine.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hal.errors import CollectiveError
 from hal.ops import catalogue
+from hal.testing.dist import run_checks
 from hal.types import Dispatched, DispatchHandle
 from hal_cpu.reference import collectives as ref
 
@@ -224,45 +218,14 @@ _CHECKS: dict[str, Callable[[int], None]] = {
 }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    verdicts: dict[str, str | None] = {}
-    try:
-        for name, check in _CHECKS.items():
-            try:
-                check(rank)
-                verdicts[name] = None
-            except Exception:  # recorded, and reported by that check's test
-                verdicts[name] = traceback.format_exc()
-    finally:
-        dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(verdicts))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | None]]:
     """Run every check in one 2-process gloo job; one dict of check name → traceback (None: passed) per rank."""
     out_dir = tmp_path_factory.mktemp("ep")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the 2-process gloo job did not finish within {JOIN_TIMEOUT_S:.0f} s (a hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+        return run_checks(_CHECKS, out_dir=out_dir, world=WORLD, timeout_s=JOIN_TIMEOUT_S)
+    except TimeoutError as e:
+        pytest.fail(f"the 2-process gloo job did not finish: {e}")
 
 
 @pytest.mark.distributed
@@ -282,3 +245,21 @@ def test_no_process_group_raises() -> None:
     )
     with pytest.raises(CollectiveError, match="ep_combine"):
         catalogue.ep_combine(torch.zeros(0, 16), handle)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("world", [2, 4])
+def test_combine_sum_is_an_fp32_accumulation(dtype: torch.dtype, world: int) -> None:
+    # The combine's per-token sum (no process group needed): up to `world` terms per token, tokens with
+    # none, rows in source-rank order, against an fp32 index_add_ rounded once to the dtype.
+    g = torch.Generator().manual_seed(world)
+    tokens = 9
+    segments = [torch.nonzero(torch.rand(tokens, generator=g) < 0.7).flatten() for _ in range(world)]
+    token = torch.cat(segments)
+    rows = torch.randn(len(token), 16, generator=g).to(dtype)
+    back = torch.cat([rows, torch.zeros(1, 16, dtype=dtype)])
+    want = torch.zeros(tokens, 16).index_add_(0, token, rows.float()).to(dtype)
+    got = ref._sum_by_token(back, token, tokens)
+    assert got.dtype == dtype
+    _same(got, want)  # the same terms in the same order, in fp32, rounded once
+    _same(ref._sum_by_token(back[-1:], token[:0], tokens), torch.zeros(tokens, 16, dtype=dtype))

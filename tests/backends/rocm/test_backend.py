@@ -1,4 +1,5 @@
-"""The ROCm build against a simulated ROCm ``torch.cuda`` (no GPU here): capabilities and the runtime ops."""
+"""The ROCm build against a simulated ROCm ``torch.cuda`` (no GPU here): capabilities, the runtime ops,
+the kernel ops with this backend's tuning (wave64), and the op plan ``hal info`` shows without the GPU."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hal.cli import format_info, info_data
 from hal.errors import BackendLoadError
 from hal.ops.catalogue import CATALOGUE
-from hal.registry import check_impl_signature
-from hal_rocm._backend import build
+from hal.registry import Registry, check_impl_signature
+from hal_kernels._tuning import load_tuning
+from hal_rocm._backend import TUNING_DIR, build, kernel_ops_for, plan
 
 RUNTIME = {name for name, spec in CATALOGUE.items() if spec.kind == "runtime"}
+KERNEL_OPS = set(kernel_ops_for("gfx942", "e4m3fnuz"))
+FP8_OPS = {op for op in KERNEL_OPS if "fp8" in op}
 
 
 def _simulate(monkeypatch: pytest.MonkeyPatch, *, gcn: str, count: int = 8) -> None:
@@ -42,8 +47,12 @@ def test_capabilities_follow_the_arch(monkeypatch: pytest.MonkeyPatch, gcn: str,
     assert (caps.device_type, caps.arch, caps.fp8_format, caps.dist_backend) == ("cuda", arch, fp8, "nccl")
     assert caps.extra["gcn_arch_name"] == gcn
     assert caps.memory_bytes == 205_822_885_888 and caps.device_count == 8
-    assert set(impl.ops) == RUNTIME
+    # gfx90a (MI200) has no fp8: those ops fall back to the reference.
+    assert set(impl.ops) == RUNTIME | (KERNEL_OPS if fp8 else KERNEL_OPS - FP8_OPS)
     assert all(check_impl_signature(CATALOGUE[op], fn) is None for op, fn in impl.ops.items())
+    tuning = load_tuning(TUNING_DIR, arch)
+    for op in KERNEL_OPS & set(impl.ops):
+        assert impl.ops[op].keywords == {"config": tuning[op]}, op
 
 
 def test_no_visible_device_is_a_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,3 +67,37 @@ def test_cpu_torch_is_a_load_error() -> None:
         pytest.skip("this torch is a ROCm build")
     with pytest.raises(BackendLoadError, match="not a ROCm build; install a ROCm build of torch"):
         build()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan: the op table without a device
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_plan_defaults_to_gfx942_with_kernels_and_runtime_ops() -> None:
+    table = plan(None)
+    assert table.arch == "gfx942"  # type: ignore[attr-defined]
+    assert FP8_OPS and set(table) == RUNTIME | KERNEL_OPS
+    assert table["mla_decode"] == "hal_kernels.mla_decode:mla_decode"
+    assert table["memory_stats"] == "hal_rocm._backend:memory_stats"
+    assert set(plan("gfx950")) == RUNTIME | KERNEL_OPS
+    assert set(plan("gfx90a")) == RUNTIME | (KERNEL_OPS - FP8_OPS)
+    with pytest.raises(ValueError, match="serves AMD architectures"):
+        plan("sm_90")
+
+
+def test_hal_info_shows_the_unavailable_backends_plan() -> None:
+    if torch.version.hip is not None:
+        pytest.skip("this torch is a ROCm build: rocm may be available here")
+    data = info_data(Registry())
+    rocm = {b["name"]: b for b in data["backends"]}["rocm"]
+    assert rocm["available"] is False and "ROCm build of torch" in rocm["reason"]
+    assert rocm["plan"]["arch"] == "gfx942"
+    ops = rocm["plan"]["ops"]
+    assert {op for op, e in ops.items() if e["source"] == "kernel"} == KERNEL_OPS
+    assert {op for op, e in ops.items() if e["source"] == "runtime"} == RUNTIME
+    assert {e["source"] for op, e in ops.items() if op not in KERNEL_OPS | RUNTIME} == {"fallback"}
+    text = format_info(data)
+    assert "Backend rocm (unavailable): ops it would serve on gfx942" in text
+    gfx90a = {b["name"]: b for b in info_data(Registry(), arch="gfx90a")["backends"]}["rocm"]
+    assert gfx90a["plan"]["ops"]["grouped_gemm_fp8"]["source"] == "fallback"

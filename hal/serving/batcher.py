@@ -1,0 +1,864 @@
+"""Continuous batching of generation requests: :class:`AutoBatcher` (``hal.AutoBatcher``).
+
+Callers on any thread :meth:`~AutoBatcher.submit` a prompt and get a ``concurrent.futures.Future``;
+one background scheduler thread owns the model and a paged KV cache and runs it in steps:
+
+1. **Admit.** Waiting requests join the running batch in arrival order while there is room: fewer
+   than ``max_batch_size`` sequences, and enough KV-cache blocks for the request's whole sequence
+   (prompt plus ``max_new_tokens - 1`` tokens, the last token never being fed back). Blocks are
+   budgeted ahead, at admission, so a running sequence can never run out of cache half-way: a request
+   that does not fit waits (back-pressure) and is admitted as soon as finished sequences free enough
+   blocks. Admission is strictly first-come-first-served, so a large request is never starved by
+   small ones behind it. A request larger than the whole cache fails at once with
+   :class:`~hal.serving.errors.RequestTooLargeError`.
+2. **Prefill** the admitted prompts as one packed batch and choose each one's first token.
+3. **Decode** one token for every running sequence, as one batch.
+4. **Retire** finished sequences (end-of-sequence token or ``max_new_tokens``): their blocks go back to
+   the cache and their futures get their :class:`RequestResult` at once; a waiting request takes the
+   freed room at the next step (continuous batching).
+
+When nothing is running, the first request to arrive opens a batching window of ``timeout_ms``:
+requests arriving within it (up to ``max_batch_size``) are prefilled together. While sequences are
+running, new requests join at the next step without waiting: holding them back would stall the
+running batch.
+
+Token choice and input checks are :mod:`hal.model.generate`'s (greedy ``argmax``, or temperature and
+top-p sampling from a per-request generator seeded by the request's ``seed``), so a greedy request
+gives the tokens :func:`hal.model.generate.generate` gives for the same prompt run on its own.
+
+With a :class:`~hal.serving.failover.Failover`, a device error in any model call marks the device
+unhealthy, rebuilds the model on the next backend and re-prefills every in-flight request with its
+prompt plus the tokens it already has; the requests go on from there (:attr:`AutoBatcher.failovers`
+reports each event and its recovery time). Any other error fails the requests in flight at that step
+(their futures get the exception) and the batcher goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hal.model.generate import (
+    GenerationResult,
+    GenerativeModel,
+    Sampler,
+    check_eos,
+    check_prompts,
+    check_sampling,
+    check_seed,
+    greedy,
+)
+from hal.ops.catalogue import KV_BLOCK_SIZE
+from hal.serving.errors import BatcherClosedError, FailoverError, RequestTooLargeError
+from hal.serving.failover import Failover, FailoverEvent
+from hal.serving.health import DeviceHealth, default_book, health
+
+if TYPE_CHECKING:
+    from hal.backend import Backend
+    from hal.kvcache import PagedKVCache
+    from hal.serving.metrics import ServingMetrics
+
+__all__ = ["AutoBatcher", "BatcherStats", "Request", "RequestResult", "generate_batched"]
+
+log = logging.getLogger("hal.serving")
+
+#: Tokens per sequence the default cache is sized for (``max_batch_size`` sequences of this length, or
+#: of ``max_position_embeddings`` when that is shorter).
+DEFAULT_TOKENS_PER_SEQUENCE = 2048
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request, for :meth:`AutoBatcher.process` (:meth:`AutoBatcher.submit` takes the same
+    fields as arguments).
+
+    :param prompt_ids: the prompt's token ids (not empty).
+    :param max_new_tokens: the most tokens to generate (0 runs the prefill only).
+    :param temperature: 0 is greedy; above 0 samples from ``softmax(logits / temperature)``.
+    :param top_p: nucleus sampling mass, in ``(0, 1]``.
+    :param seed: seeds this request's sampler (``None``: a fresh seed).
+    :param eos_token_ids: ids that end the sequence; ``None`` takes the model config's.
+    """
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+    eos_token_ids: Sequence[int] | None = None
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """What one request produced, and its timings (seconds, from :meth:`AutoBatcher.submit`).
+
+    :ivar tokens: the generated ids (an end-of-sequence token that stopped it is the last one).
+    :ivar prompt_length: tokens in the prompt.
+    :ivar finish_reason: ``"eos"`` or ``"length"``.
+    :ivar queue_seconds: until its prefill started (waiting for a batch, or for KV-cache room).
+    :ivar time_to_first_token_seconds: until its first token was chosen (``None`` without one).
+    :ivar latency_seconds: until it finished.
+    :ivar failovers: failovers it lived through (and was resumed after).
+    :ivar backend: the backend that produced its last token.
+    """
+
+    tokens: list[int]
+    prompt_length: int
+    finish_reason: str
+    queue_seconds: float
+    time_to_first_token_seconds: float | None
+    latency_seconds: float
+    failovers: int
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Counters since the batcher started (:meth:`AutoBatcher.stats`).
+
+    :ivar prefill_seconds: / :ivar decode_seconds: wall time inside the model's prefill / decode calls,
+        token choice included.
+    :ivar prefill_tokens: prompt (and, after a failover, re-prefilled) tokens.
+    :ivar decode_tokens: tokens produced by decode steps (one per sequence per step).
+    :ivar generated_tokens: every token returned to requests (decode tokens plus first tokens).
+    :ivar largest_batch: the most sequences one decode step ran.
+    """
+
+    submitted: int
+    finished: int
+    failed: int
+    rejected: int
+    cancelled: int
+    running: int
+    waiting: int
+    prefill_calls: int
+    decode_steps: int
+    prefill_tokens: int
+    decode_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    largest_batch: int
+    kv_blocks_used: int
+    kv_blocks_reserved: int
+    kv_blocks_total: int
+    failovers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Job:
+    """One request inside the scheduler."""
+
+    __slots__ = (
+        "blocks",
+        "done",
+        "eos",
+        "failovers",
+        "first_token_at",
+        "future",
+        "id",
+        "prompt",
+        "sampler",
+        "started_at",
+        "steps",
+        "submitted_at",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        job_id: int,
+        prompt: list[int],
+        steps: int,
+        eos: frozenset[int],
+        sampler: Sampler | None,
+        blocks: int,
+    ) -> None:
+        self.id = job_id
+        self.prompt = prompt
+        self.steps = steps
+        self.eos = eos
+        self.sampler = sampler  # None: greedy, chosen for the whole batch at once
+        self.blocks = blocks
+        self.future: Future[RequestResult] = Future()
+        self.submitted_at = time.perf_counter()
+        self.started_at: float | None = None
+        self.first_token_at: float | None = None
+        self.tokens: list[int] = []
+        self.failovers = 0
+        self.done = False
+
+
+def _nothing() -> None:
+    return None
+
+
+class _NoMetrics:
+    """Stands in for :class:`~hal.serving.metrics.ServingMetrics` when metrics are off (one no-op call
+    per step or request; nothing per op)."""
+
+    def observe_prefill(self, batch: int, prompt_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_decode(self, batch: int, seconds: float) -> None:
+        pass
+
+    def observe_tokens(self, n: int) -> None:
+        pass
+
+    def observe_finished(self, queue_s: float, first_token_s: float | None, latency_s: float) -> None:
+        pass
+
+    def observe_outcome(self, outcome: str, n: int = 1) -> None:
+        pass
+
+    def set_load(self, running: int, waiting: int, kv_used: int, kv_reserved: int, kv_total: int) -> None:
+        pass
+
+    def observe_failover(self, event: FailoverEvent) -> None:
+        pass
+
+    def instrument(self, backend: Backend) -> Callable[[], None]:
+        return _nothing
+
+    def close(self) -> None:
+        pass
+
+
+class AutoBatcher:
+    """Serve generation requests from many threads through one model, batched continuously.
+
+    :param model: a :class:`~hal.model.deepseek.DeepseekModel` (anything
+        :func:`hal.model.generate.generate` takes). Only the scheduler thread calls it.
+    :param max_batch_size: the most sequences running at once.
+    :param timeout_ms: the batching window when idle: how long the first request of a batch waits for
+        others to join its prefill.
+    :param num_blocks: KV-cache blocks of 64 tokens. ``None``: room for ``max_batch_size`` sequences of
+        ``min(max_position_embeddings, 2048)`` tokens.
+    :param failover: what to do when a device fails (``None``: fail the in-flight requests).
+    :param metrics: ``True`` for Prometheus metrics in a registry of their own
+        (:attr:`metrics`), or a :class:`~hal.serving.metrics.ServingMetrics` to record into.
+    :param metrics_port: serve the metrics over HTTP on this port (0: a free one, see
+        :attr:`metrics_port`); implies ``metrics``.
+    :param metrics_addr: the address to bind (default loopback only; ``"0.0.0.0"`` for a Prometheus
+        elsewhere).
+    :param op_metrics: also count and time every op (implies ``metrics``; off by default, and then it
+        costs nothing).
+    :raises hal.serving.errors.MetricsUnavailableError: metrics asked for without prometheus-client.
+
+    Example::
+
+        with hal.AutoBatcher(model, max_batch_size=32, timeout_ms=50) as batcher:
+            future = batcher.submit([1, 2, 3], max_new_tokens=16)     # from any thread
+            print(future.result().tokens)
+            results = batcher.process([Request([4, 5], 8), Request([6], 8)])
+    """
+
+    def __init__(
+        self,
+        model: GenerativeModel,
+        max_batch_size: int = 32,
+        timeout_ms: float = 50.0,
+        *,
+        num_blocks: int | None = None,
+        failover: Failover | None = None,
+        metrics: bool | ServingMetrics = False,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
+        op_metrics: bool = False,
+    ) -> None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"AutoBatcher: max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int | float) or not timeout_ms >= 0:
+            raise ValueError(f"AutoBatcher: timeout_ms must be a number >= 0, got {timeout_ms!r}")
+        cfg = model.cfg
+        if num_blocks is None:
+            tokens = min(cfg.max_position_embeddings, DEFAULT_TOKENS_PER_SEQUENCE)
+            num_blocks = max_batch_size * -(-tokens // KV_BLOCK_SIZE)
+        elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"AutoBatcher: num_blocks must be an int >= 1, got {num_blocks!r}")
+        if failover is not None and not isinstance(failover, Failover):
+            raise TypeError(f"AutoBatcher: failover must be a hal.serving.Failover, got {type(failover).__name__}")
+        self.max_batch_size = max_batch_size
+        self.timeout_s = float(timeout_ms) / 1000.0
+        self.num_blocks = num_blocks
+        self._failover = failover
+        self._model = model
+        self._cache: PagedKVCache = model.new_cache(num_blocks)
+        self._block_size = self._cache.block_size
+
+        self._metrics: ServingMetrics | _NoMetrics = _NoMetrics()
+        self.metrics_port: int | None = None
+        self._owns_server = False
+        if metrics is not False or metrics_port is not None or op_metrics:
+            m = self._make_metrics(metrics, op_metrics, failover)
+            self._metrics = m
+            if metrics_port is not None:
+                self.metrics_port = m.serve(metrics_port, metrics_addr)
+                self._owns_server = True
+                log.info("AutoBatcher: metrics on http://%s:%d/metrics", metrics_addr, self.metrics_port)
+        self._unwrap_ops = self._metrics.instrument(model.backend)
+        self._metrics.set_load(0, 0, 0, 0, num_blocks)
+
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._reserved = 0  # blocks promised to running sequences (admission budget)
+        self._next_id = 0
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._events: list[FailoverEvent] = []
+        self._counts = dict.fromkeys(
+            (
+                "submitted",
+                "finished",
+                "failed",
+                "rejected",
+                "cancelled",
+                "prefill_calls",
+                "decode_steps",
+                "prefill_tokens",
+                "decode_tokens",
+                "generated_tokens",
+                "largest_batch",
+            ),
+            0,
+        )
+        self._seconds = {"prefill": 0.0, "decode": 0.0}
+        self._thread = threading.Thread(target=self._run, name="hal-autobatcher", daemon=True)
+        self._thread.start()
+
+    def _make_metrics(
+        self, metrics: bool | ServingMetrics, op_metrics: bool, failover: Failover | None
+    ) -> ServingMetrics:
+        from hal.serving.metrics import ServingMetrics  # needs prometheus-client: only when asked for
+
+        m = metrics if isinstance(metrics, ServingMetrics) else ServingMetrics(op_metrics=op_metrics)
+        registry = failover.registry if failover is not None else None
+        book = failover.book if failover is not None else default_book()
+
+        def read_health() -> list[DeviceHealth]:
+            return health(registry, book=book)
+
+        m.bind(lambda: self._model.backend, read_health)
+        return m
+
+    # ------------------------------------------------------------------------------------------
+    # Public API
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> GenerativeModel:
+        """The model serving now (another one after a failover)."""
+        return self._model
+
+    @property
+    def backend(self) -> Backend:
+        """The backend serving now."""
+        return self._model.backend
+
+    @property
+    def metrics(self) -> ServingMetrics | None:
+        """The Prometheus metrics, ``None`` when off."""
+        return None if isinstance(self._metrics, _NoMetrics) else self._metrics
+
+    @property
+    def failovers(self) -> list[FailoverEvent]:
+        """Every failover so far, oldest first, each with its recovery time."""
+        with self._cond:
+            return list(self._events)
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> Future[RequestResult]:
+        """Queue one request; thread-safe. See :class:`Request` for the arguments.
+
+        :returns: a future for its :class:`RequestResult`. It fails with
+            :class:`~hal.serving.errors.RequestTooLargeError` when the request needs more KV-cache blocks
+            than the cache has, with the model's error when a model call fails, with
+            :class:`~hal.serving.errors.FailoverError` when a device failed and no backend could take
+            over. A queued request can be cancelled with ``future.cancel()``.
+        :raises hal.model.generate.GenerationError: bad input (checked here, before queueing).
+        :raises hal.serving.errors.BatcherClosedError: the batcher is closed.
+        """
+        job = self._job(Request(prompt_ids, max_new_tokens, temperature, top_p, seed, eos_token_ids))
+        self._enqueue([job])
+        return job.future
+
+    def process(self, requests: Sequence[Request | Sequence[int]], **defaults: Any) -> list[RequestResult]:
+        """Run ``requests`` (all queued at once, so they can share batches) and wait for their results.
+
+        :param requests: :class:`Request` objects, or bare prompts (token-id lists) that take their other
+            fields from ``defaults`` (``max_new_tokens`` is required for them).
+        :returns: one :class:`RequestResult` per request, in order.
+        :raises: the first failed request's error (in request order), after every request has ended.
+        """
+        jobs = []
+        for i, r in enumerate(requests):
+            if not isinstance(r, Request):
+                if "max_new_tokens" not in defaults:
+                    raise TypeError(
+                        f"AutoBatcher.process: request {i} is a bare prompt; pass max_new_tokens=N "
+                        "(or hal.serving.Request objects)"
+                    )
+                r = Request(r, **defaults)
+            jobs.append(self._job(r))  # every request is checked before any is queued
+        self._enqueue(jobs)
+        for job in jobs:
+            exc = job.future.exception()  # waits
+            if exc is not None:
+                raise exc
+        return [job.future.result() for job in jobs]
+
+    def stats(self) -> BatcherStats:
+        """A consistent snapshot of the counters."""
+        with self._cond:
+            c = self._counts
+            return BatcherStats(
+                submitted=c["submitted"],
+                finished=c["finished"],
+                failed=c["failed"],
+                rejected=c["rejected"],
+                cancelled=c["cancelled"],
+                running=len(self._running),
+                waiting=len(self._waiting),
+                prefill_calls=c["prefill_calls"],
+                decode_steps=c["decode_steps"],
+                prefill_tokens=c["prefill_tokens"],
+                decode_tokens=c["decode_tokens"],
+                generated_tokens=c["generated_tokens"],
+                prefill_seconds=self._seconds["prefill"],
+                decode_seconds=self._seconds["decode"],
+                largest_batch=c["largest_batch"],
+                kv_blocks_used=self._cache.num_used_blocks,
+                kv_blocks_reserved=self._reserved,
+                kv_blocks_total=self.num_blocks,
+                failovers=len(self._events),
+            )
+
+    def close(self, *, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Stop accepting requests; finish the queued and running ones (or cancel the queued ones).
+
+        :param wait: block until the scheduler has stopped.
+        :param cancel_pending: cancel requests not yet admitted instead of running them.
+        """
+        with self._cond:
+            self._closing = True
+            if cancel_pending:
+                while self._waiting:
+                    job = self._waiting.popleft()
+                    if job.future.cancel():
+                        self._counts["cancelled"] += 1
+                        self._metrics.observe_outcome("cancelled")
+            self._cond.notify_all()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> AutoBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<hal.AutoBatcher on {self.backend.name} ({self.backend.device}): {s.running} running, "
+            f"{s.waiting} waiting, KV blocks {s.kv_blocks_used}/{s.kv_blocks_total}, {s.failovers} failovers>"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Submission (caller threads)
+    # ------------------------------------------------------------------------------------------
+
+    def _job(self, r: Request) -> _Job:
+        where = "AutoBatcher.submit"
+        cfg = self._model.cfg
+        steps, temperature, top_p = check_sampling(r.max_new_tokens, r.temperature, r.top_p, where=where)
+        prompt = check_prompts([r.prompt_ids], cfg, steps, where=where)[0]
+        eos = check_eos(r.eos_token_ids, cfg, where=where)
+        seed = check_seed(r.seed, where=where)
+        sampler = None if temperature == 0 else Sampler(temperature, top_p, seed)
+        # Tokens the cache holds at the end: the prompt, then one per decode step (the last token is
+        # returned, never fed back).
+        cached = len(prompt) + max(steps - 1, 0)
+        blocks = -(-cached // self._block_size)
+        with self._cond:
+            job_id = self._next_id
+            self._next_id += 1
+        return _Job(job_id, prompt, steps, eos, sampler, blocks)
+
+    def _enqueue(self, jobs: list[_Job]) -> None:
+        with self._cond:
+            if self._closing:
+                raise BatcherClosedError("AutoBatcher is closed; create a new one to submit requests")
+            for job in jobs:
+                self._counts["submitted"] += 1
+                if self._fatal is not None:
+                    self._fail(job, self._fatal)
+                elif job.blocks > self.num_blocks:
+                    self._counts["rejected"] += 1
+                    self._metrics.observe_outcome("rejected")
+                    job.future.set_exception(
+                        RequestTooLargeError(
+                            f"AutoBatcher.submit: the request needs {job.blocks} KV-cache blocks of "
+                            f"{self._block_size} tokens ({len(job.prompt)} prompt tokens + {job.steps} new), "
+                            f"but the cache has {self.num_blocks} in all, so it could never run; shorten it, "
+                            "lower max_new_tokens, or build the AutoBatcher with more num_blocks"
+                        )
+                    )
+                else:
+                    self._waiting.append(job)
+            self._metrics.set_load(
+                len(self._running), len(self._waiting), self._cache.num_used_blocks, self._reserved, self.num_blocks
+            )
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------------------------------
+    # The scheduler (its own thread)
+    # ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                admitted = self._next_admissions()
+                if admitted is None:
+                    break
+                self._step(admitted)
+        except BaseException as exc:  # a bug in the scheduler itself: no caller may wait forever
+            log.exception("AutoBatcher scheduler crashed")
+            with self._cond:
+                self._fatal = exc
+                doomed = list(self._running) + list(self._waiting)
+                self._running.clear()
+                self._waiting.clear()
+                self._closing = True
+            for job in doomed:
+                self._fail(job, exc)
+            raise
+        finally:
+            self._unwrap_ops()
+            if self._owns_server:
+                self._metrics.close()
+
+    def _next_admissions(self) -> list[_Job] | None:
+        """Wait for work; admit what fits. ``None`` when closed and drained."""
+        with self._cond:
+            while True:
+                if not self._running:
+                    if not self._waiting:
+                        if self._closing:
+                            return None
+                        self._cond.wait()
+                        continue
+                    # Idle: the first waiting request opens the batching window.
+                    deadline = self._waiting[0].submitted_at + self.timeout_s
+                    while len(self._waiting) < self.max_batch_size and not self._closing:
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                admitted = self._admit()
+                if admitted or self._running:
+                    return admitted
+
+    def _admit(self) -> list[_Job]:
+        """Waiting requests that fit now, in arrival order (called with the lock held)."""
+        admitted: list[_Job] = []
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+            job = self._waiting[0]
+            if not job.future.cancelled() and self._reserved + job.blocks > self.num_blocks:
+                break  # back-pressure: it waits for blocks; nobody overtakes it
+            self._waiting.popleft()
+            if not job.future.set_running_or_notify_cancel():
+                self._counts["cancelled"] += 1
+                self._metrics.observe_outcome("cancelled")
+                continue
+            self._reserved += job.blocks
+            job.started_at = time.perf_counter()
+            admitted.append(job)
+        return admitted
+
+    def _step(self, admitted: list[_Job]) -> None:
+        try:
+            if admitted:
+                self._running.extend(admitted)
+                self._prefill(admitted)
+            if self._running:
+                self._decode(list(self._running))
+        except Exception as exc:  # a model call failed: fail over or fail the requests it touched
+            self._on_error(exc)
+        with self._cond:
+            self._metrics.set_load(
+                len(self._running), len(self._waiting), self._cache.num_used_blocks, self._reserved, self.num_blocks
+            )
+
+    def _prefill(self, jobs: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        logits = self._model.prefill(self._cache, [j.id for j in jobs], [j.prompt for j in jobs])
+        going = [j for j in jobs if j.steps > 0]
+        for j in jobs:
+            if j.steps == 0:  # prefill only
+                self._finish(j, "length")
+        if going:
+            rows = [i for i, j in enumerate(jobs) if j.steps > 0]
+            self._advance(going, self._choose(logits[rows] if len(rows) < len(jobs) else logits, going))
+        else:
+            self._running = [j for j in self._running if not j.done]
+        seconds = time.perf_counter() - t0
+        prompt_tokens = sum(len(j.prompt) for j in jobs)
+        with self._cond:
+            self._counts["prefill_calls"] += 1
+            self._counts["prefill_tokens"] += prompt_tokens
+            self._seconds["prefill"] += seconds
+        self._metrics.observe_prefill(len(jobs), prompt_tokens, seconds)
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        logits = self._model.decode(self._cache, [j.id for j in jobs], [j.tokens[-1] for j in jobs])
+        self._advance(jobs, self._choose(logits, jobs))
+        seconds = time.perf_counter() - t0
+        with self._cond:
+            self._counts["decode_steps"] += 1
+            self._counts["decode_tokens"] += len(jobs)
+            self._counts["largest_batch"] = max(self._counts["largest_batch"], len(jobs))
+            self._seconds["decode"] += seconds
+        self._metrics.observe_decode(len(jobs), seconds)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:
+        """One token per row: greedy rows in one ``argmax``, sampled rows each with its own generator."""
+        sampled = [i for i, j in enumerate(jobs) if j.sampler is not None]
+        if not sampled:
+            return greedy(logits)
+        chosen = [0] * len(jobs)
+        greedy_rows = [i for i, j in enumerate(jobs) if j.sampler is None]
+        if greedy_rows:
+            for i, t in zip(greedy_rows, greedy(logits[greedy_rows]), strict=True):
+                chosen[i] = t
+        for i, job in enumerate(jobs):
+            if job.sampler is not None:
+                chosen[i] = job.sampler(logits[i : i + 1])[0]
+        return chosen
+
+    def _advance(self, jobs: list[_Job], chosen: list[int]) -> None:
+        """Append each sequence's token; retire those that are done."""
+        now = time.perf_counter()
+        for job, token in zip(jobs, chosen, strict=True):
+            job.tokens.append(token)
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if token in job.eos:
+                self._finish(job, "eos")
+            elif len(job.tokens) >= job.steps:
+                self._finish(job, "length")
+        with self._cond:
+            self._counts["generated_tokens"] += len(jobs)
+        self._metrics.observe_tokens(len(jobs))
+        self._running = [j for j in self._running if not j.done]
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        job.done = True
+        self._cache.free(job.id)  # its blocks serve the next admissions at once
+        now = time.perf_counter()
+        started = job.started_at if job.started_at is not None else now
+        result = RequestResult(
+            tokens=list(job.tokens),
+            prompt_length=len(job.prompt),
+            finish_reason=reason,
+            queue_seconds=started - job.submitted_at,
+            time_to_first_token_seconds=None if job.first_token_at is None else job.first_token_at - job.submitted_at,
+            latency_seconds=now - job.submitted_at,
+            failovers=job.failovers,
+            backend=self._model.backend.name,
+        )
+        with self._cond:
+            self._reserved -= job.blocks
+            self._counts["finished"] += 1
+            self._cond.notify_all()
+        self._metrics.observe_finished(result.queue_seconds, result.time_to_first_token_seconds, result.latency_seconds)
+        job.future.set_result(result)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        job.done = True
+        if job.future.done():  # cancelled while queued: nothing to report
+            return
+        with self._cond:
+            self._counts["failed"] += 1
+        self._metrics.observe_outcome("failed")
+        job.future.set_exception(exc)
+
+    # ------------------------------------------------------------------------------------------
+    # Errors and failover (scheduler thread)
+    # ------------------------------------------------------------------------------------------
+
+    def _on_error(self, exc: Exception) -> None:
+        inflight = [j for j in self._running if not j.done]
+        self._running = []
+        failover = self._failover
+        if failover is not None and failover.is_device_error(exc):
+            try:
+                self._recover(failover, exc, inflight)
+                return
+            except FailoverError as fatal:
+                log.error("AutoBatcher: %s", fatal)
+                self._give_up(fatal, inflight)
+                return
+            except Exception as other:  # the new backend failed otherwise: these requests fail, others go on
+                exc = other
+        log.warning("AutoBatcher: %d in-flight request(s) failed: %s: %s", len(inflight), type(exc).__name__, exc)
+        for job in inflight:
+            if job.id in self._cache:
+                self._cache.free(job.id)
+            with self._cond:
+                self._reserved -= job.blocks
+            self._fail(job, exc)
+
+    def _give_up(self, fatal: FailoverError, inflight: list[_Job]) -> None:
+        """No backend left: fail everything, now and later."""
+        with self._cond:
+            self._fatal = fatal
+            doomed = inflight + list(self._waiting)
+            self._waiting.clear()
+            self._reserved = 0
+        for job in doomed:
+            self._fail(job, fatal)
+
+    def _recover(self, failover: Failover, exc: Exception, inflight: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        first = self._model.backend
+        failed, error = first, exc
+        skipped: list[str] = []
+        while True:
+            self._unwrap_ops()
+            self._unwrap_ops = _nothing
+            model, passed = failover.replace(failed, error)  # raises FailoverError when none is left
+            skipped += passed
+            rebuilt = time.perf_counter()
+            with self._cond:
+                self._model, self._cache = model, model.new_cache(self.num_blocks)
+            try:
+                resumed_tokens = self._resume(inflight)
+            except Exception as again:
+                if not failover.is_device_error(again):
+                    raise
+                skipped.append(f"{model.backend.name}: {type(again).__name__}: {again} (while resuming)")
+                failed, error = model.backend, again
+                continue
+            break
+        self._unwrap_ops = self._metrics.instrument(model.backend)
+        done = time.perf_counter()
+        event = FailoverEvent(
+            from_backend=first.name,
+            from_device=str(first.device),
+            to_backend=model.backend.name,
+            to_device=str(model.backend.device),
+            error=f"{type(exc).__name__}: {exc}",
+            rebuild_seconds=rebuilt - t0,
+            resume_seconds=done - rebuilt,
+            recovery_seconds=done - t0,
+            resumed_requests=len(inflight),
+            resumed_tokens=resumed_tokens,
+            skipped=tuple(skipped),
+        )
+        with self._cond:
+            self._events.append(event)
+        self._metrics.observe_failover(event)
+        log.warning(
+            "AutoBatcher: failed over from %s (%s) to %s (%s) after %s; %d request(s) resumed, recovered in %.3f s",
+            event.from_backend,
+            event.from_device,
+            event.to_backend,
+            event.to_device,
+            event.error,
+            event.resumed_requests,
+            event.recovery_seconds,
+        )
+
+    def _resume(self, jobs: list[_Job]) -> int:
+        """Re-prefill each job's prompt and generated tokens (all but the last, which the next decode
+        step feeds) into the new model's cache; jobs that had no token yet get their first one.
+
+        :returns: tokens prefilled.
+        """
+        if not jobs:
+            return 0
+        contexts = [j.prompt + j.tokens[:-1] for j in jobs]
+        logits = self._model.prefill(self._cache, [j.id for j in jobs], contexts)
+        # Only once the prefill succeeded: a failure above leaves every job as it was.
+        device = self._model.backend.device
+        for j in jobs:
+            j.failovers += 1
+            if j.sampler is not None:
+                j.sampler.to(device)
+        self._running = list(jobs)
+        fresh = [i for i, j in enumerate(jobs) if not j.tokens]
+        if fresh:
+            self._advance([jobs[i] for i in fresh], self._choose(logits[fresh], [jobs[i] for i in fresh]))
+        with self._cond:
+            self._counts["prefill_calls"] += 1
+            self._counts["prefill_tokens"] += sum(len(c) for c in contexts)
+        return sum(len(c) for c in contexts)
+
+
+def generate_batched(
+    model: GenerativeModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    eos_token_ids: Sequence[int] | None = None,
+    **batcher_kwargs: Any,
+) -> GenerationResult:
+    """:func:`hal.model.generate.generate`'s job done through an :class:`AutoBatcher` (with its metrics,
+    failover and so on, per ``batcher_kwargs``), returned as a
+    :class:`~hal.model.generate.GenerationResult`.
+
+    Greedy tokens are :func:`~hal.model.generate.generate`'s. Sampled prompt ``i`` draws from its own
+    generator seeded ``seed + i`` (``generate`` draws the whole batch from one).
+    """
+    steps, _, _ = check_sampling(max_new_tokens, temperature, top_p, where="generate_batched")
+    checked = check_prompts(prompts, model.cfg, steps, where="generate_batched")
+    batcher_kwargs.setdefault("max_batch_size", len(checked))
+    # The cache generate() would make: every prompt plus its new tokens, rounded up per sequence.
+    batcher_kwargs.setdefault("num_blocks", sum(-(-(len(p) + steps) // KV_BLOCK_SIZE) for p in checked))
+    with AutoBatcher(model, **batcher_kwargs) as batcher:
+        requests = [
+            Request(p, max_new_tokens, temperature, top_p, None if seed is None else seed + i, eos_token_ids)
+            for i, p in enumerate(checked)
+        ]
+        results = batcher.process(requests)
+        stats = batcher.stats()
+        backend = batcher.backend
+    return GenerationResult(
+        tokens=[r.tokens for r in results],
+        prompt_lengths=[r.prompt_length for r in results],
+        finish_reasons=[r.finish_reason for r in results],
+        prefill_seconds=stats.prefill_seconds,
+        decode_seconds=stats.decode_seconds,
+        prefill_tokens=stats.prefill_tokens,
+        decode_tokens=stats.decode_tokens,
+        peak_memory_bytes=backend.memory_stats().peak,
+    )

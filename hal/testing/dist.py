@@ -1,0 +1,201 @@
+"""Running a test on several processes: spawned ranks with torchrun's environment, results as files.
+
+A collective needs every rank to call it, so a test of one runs a function on ``world`` processes and
+looks at what each rank saw. Starting a process group costs seconds, so a test module runs all its
+checks in one job (:func:`run_checks`) and asserts each check's verdict separately:
+
+.. code-block:: python
+
+    from hal.testing.dist import run_checks
+
+    def check_sum(rank: int) -> None:           # module level: spawned ranks import it by name
+        ...                                     # raise on a mismatch
+
+    @pytest.fixture(scope="module")
+    def verdicts():
+        return run_checks({"sum": check_sum})   # [{check: None | traceback}, ...] one dict per rank
+
+:func:`run_ranks` is the layer below: any ``target(rank, *args)`` on every rank, with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set as torchrun sets them (so the
+target may call :func:`hal.distributed.init`), each rank's JSON-able return value (or the traceback of
+what it raised) collected, and a bounded wait: a hang becomes a :class:`TimeoutError`, never a stuck
+test. :func:`torchrun_command` and :func:`torchrun_env` launch the real ``torchrun``.
+
+Nothing here runs at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TORCHRUN_VARS",
+    "free_port",
+    "run_checks",
+    "run_ranks",
+    "torchrun_command",
+    "torchrun_env",
+]
+
+#: The variables torchrun sets for each rank.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """This process's environment without torchrun's per-rank variables (a launcher sets its own), plus
+    ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(extra)
+    return env
+
+
+def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
+    """``torchrun --nproc-per-node NPROC`` on a free loopback port, then ``args`` (a script and its
+    arguments, or ``-m module ...``), with the ``torchrun`` beside this Python.
+
+    :raises FileNotFoundError: no ``torchrun`` next to ``sys.executable``.
+    """
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        raise FileNotFoundError(f"no torchrun next to {sys.executable}")
+    return [
+        str(torchrun),
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
+
+
+def _entry(rank: int, target: Callable[..., Any], args: tuple[Any, ...], world: int, port: int, out_dir: str,
+           hard_exit: bool) -> None:  # fmt: skip
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    try:
+        result = target(rank, *args)
+    except BaseException:  # reported to the test, which decides what it means
+        result = {"crash": traceback.format_exc()}
+    path = Path(out_dir, f"rank{rank}.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)  # the parent never reads a half-written file
+    if hard_exit:
+        os._exit(0)  # a broken group's teardown may wait on a dead peer; nothing is left to clean up
+
+
+def run_ranks(
+    target: Callable[..., Any],
+    args: Sequence[Any] = (),
+    *,
+    out_dir: str | Path,
+    world: int = 2,
+    timeout_s: float = 120.0,
+    wait_for: Sequence[int] | None = None,
+    hard_exit: bool = False,
+) -> list[Any]:
+    """Run ``target(rank, *args)`` on ``world`` spawned processes with torchrun's environment.
+
+    :param target: a module-level function (spawned processes import it by name); its return value must
+        be JSON-able. What it raises is returned as ``{"crash": traceback}``.
+    :param out_dir: an empty directory for the per-rank result files.
+    :param timeout_s: the longest wait for the results.
+    :param wait_for: the ranks whose results are awaited (``None``: all); the others are ended once
+        these are in (a test of a rank that dies or stalls waits for the survivor only).
+    :param hard_exit: end each rank with ``os._exit`` right after its result is written.
+    :returns: each rank's result, ``None`` for a rank that wrote none.
+    :raises TimeoutError: the awaited results are not all in within ``timeout_s``.
+    """
+    import torch.multiprocessing as mp
+
+    out = Path(out_dir)
+    ranks = list(range(world)) if wait_for is None else list(wait_for)
+    files = [out / f"rank{r}.json" for r in range(world)]
+    ctx = mp.start_processes(
+        _entry,
+        args=(target, tuple(args), world, free_port(), str(out), hard_exit),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not all(files[r].exists() for r in ranks):
+            if all(not p.is_alive() for p in ctx.processes):
+                break  # every rank has exited: whatever is missing will not come
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{getattr(target, '__name__', target)}: no result within {timeout_s:g} s (a hang?)")
+            time.sleep(0.02)
+    finally:
+        for p in ctx.processes:
+            p.join(2)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [json.loads(f.read_text()) if f.exists() else None for f in files]
+
+
+def _check_all(rank: int, checks: Mapping[str, Callable[[int], None]], backend: str) -> dict[str, str | None]:
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method="env://")
+    verdicts: dict[str, str | None] = {}
+    try:
+        for name, check in checks.items():
+            try:
+                check(rank)
+                verdicts[name] = None
+            except Exception:  # recorded, and reported by that check's test
+                verdicts[name] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+    return verdicts
+
+
+def run_checks(
+    checks: Mapping[str, Callable[[int], None]],
+    *,
+    out_dir: str | Path | None = None,
+    world: int = 2,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+) -> list[dict[str, str | None]]:
+    """Run every ``check(rank)`` on each of ``world`` ranks of one process group, in one job.
+
+    :param checks: name → module-level function that raises on a mismatch.
+    :param out_dir: where the result files go (``None``: a temporary directory).
+    :param backend: the torch.distributed backend of the group.
+    :returns: one dict per rank: check name → ``None`` (passed) or the traceback.
+    :raises RuntimeError: a rank failed outside the checks (its traceback in the message).
+    :raises TimeoutError: the job did not finish within ``timeout_s``.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run_ranks(
+            _check_all, (dict(checks), backend), out_dir=out_dir or tmp, world=world, timeout_s=timeout_s
+        )
+    verdicts: list[dict[str, str | None]] = []
+    for rank, res in enumerate(results):
+        if res is None or (set(res) == {"crash"} and "crash" not in checks):  # failed outside the checks
+            raise RuntimeError(f"rank {rank} of the checks job failed:\n{res['crash'] if res else 'no result'}")
+        verdicts.append(res)
+    return verdicts

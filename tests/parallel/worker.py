@@ -1,0 +1,118 @@
+"""The 2-process side of ``tests/parallel``: run by ``torchrun --nproc-per-node 2 worker.py OUT_DIR CKPT_DIR``.
+
+One launch checks every layout (:data:`LAYOUTS`) over the same gloo group, since starting a group
+costs seconds: for each, every rank builds the same seeded full weights and keeps its shard (or, for
+``ckpt-*`` layouts, reads only its shard of the checkpoint in ``CKPT_DIR`` with the loader), and writes
+the logits of a prefill and of a few decode steps with fixed tokens, plus the greedy tokens of a short
+generation, to ``OUT_DIR/{layout}-rank{rank}.safetensors``. The test imports this file too, to compute
+the same tensors in one process (:func:`run`) and compare.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import hal
+from hal.model import DeepseekModel, random_state_dict, tiny_config
+from hal.model.config import ModelConfig
+from hal.model.generate import generate
+from hal.model.loader import load_model, quantize_linear
+from hal.model.parallel import ParallelConfig, shard_state_dict
+from hal.model.weights import Weight, is_linear
+
+#: layout → (tp, ep, quantize).
+LAYOUTS: dict[str, tuple[int, int, str | None]] = {
+    "tp2": (2, 1, None),
+    "ep2": (1, 2, None),
+    "tp2-ep2": (2, 2, None),
+    "tp2-fp8": (2, 1, "fp8"),
+    "ckpt-tp2-ep2": (2, 2, None),
+}
+#: A small checkpoint's config (written by the test with :func:`write_checkpoint`).
+CKPT_RAW = {
+    "model_type": "deepseek_v3", "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256,
+    "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "n_routed_experts": 8,
+    "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1,
+    "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+    "max_position_embeddings": 512, "tie_word_embeddings": True,
+}  # fmt: skip
+#: Prompts of different lengths (a packed prefill, a ragged decode); the fixed tokens of each decode step.
+PROMPTS = [[1, 17, 300, 42, 7], [900, 5, 5, 64, 128, 3, 77, 1000, 12, 9, 31], [2, 4]]
+DECODE_TOKENS = [[11, 12, 13], [500, 600, 700], [8, 1, 1023]]
+NEW_TOKENS = 6
+
+
+def config(quantize: str | None) -> ModelConfig:
+    """The tiny config; for FP8 one whose tp = 2 splits fall on 128-blocks (q_b rows 2·128 per rank,
+    o_proj and expert columns 128)."""
+    if quantize != "fp8":
+        return tiny_config()
+    return tiny_config(
+        qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, moe_intermediate_size=256, n_routed_experts=8,
+        n_group=4, topk_group=2, num_hidden_layers=3,
+    )  # fmt: skip
+
+
+def write_checkpoint(root: Path) -> Path:
+    """A Hugging Face directory of :data:`CKPT_RAW` (no q LoRA, tied embeddings) with seeded fp32 weights."""
+    from hal.model.config import ModelConfig
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(CKPT_RAW))
+    weights = random_state_dict(ModelConfig.from_dict(CKPT_RAW), seed=5)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(root / "model.safetensors"))
+    return root
+
+
+def build(layout: str, backend: hal.Backend, par: ParallelConfig | None, ckpt: Path | None = None) -> DeepseekModel:
+    """The model of ``layout`` on this rank (``par``), or in one process (``par`` None)."""
+    if layout.startswith("ckpt-"):
+        assert ckpt is not None
+        return load_model(ckpt, backend, progress=False, parallel=par)
+    quantize = LAYOUTS[layout][2]
+    cfg = config(quantize)
+    weights: dict[str, Weight] = dict(random_state_dict(cfg, seed=0))
+    if quantize is not None:  # as hal run --quantize does it: the whole weights, before sharding
+        for name, w in list(weights.items()):
+            if is_linear(name) and isinstance(w, torch.Tensor):
+                weights[name] = quantize_linear(w, quantize) or w
+    if par is not None:
+        weights = shard_state_dict(weights, cfg, par)
+    return DeepseekModel(cfg, backend, weights, parallel=par)
+
+
+def run(model: DeepseekModel) -> dict[str, torch.Tensor]:
+    """Prefill logits, one set of logits per decode step, the greedy tokens, the linear weights' bytes."""
+    cache = model.new_cache(8)
+    ids = list(range(len(PROMPTS)))
+    out = {"prefill": model.prefill(cache, ids, PROMPTS)}
+    for step, tokens in enumerate(DECODE_TOKENS):
+        out[f"decode{step}"] = model.decode(cache, ids, tokens)
+    result = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS)
+    out["greedy"] = torch.tensor(result.tokens)
+    out["weight_bytes"] = torch.tensor([model.linear_weight_bytes])
+    return out
+
+
+def main(out_dir: str, ckpt: str) -> None:
+    import hal.distributed
+
+    torch.set_num_threads(1)  # two ranks share the host's cores
+    backend = hal.get_backend("cpu")
+    info = hal.distributed.init(backend, timeout_s=60)
+    try:
+        for layout, (tp, ep, _) in LAYOUTS.items():
+            par = ParallelConfig.create(tp, ep, rank=info.rank, world_size=info.world_size)
+            tensors = run(build(layout, backend, par, Path(ckpt)))
+            save_file(tensors, str(Path(out_dir) / f"{layout}-rank{info.rank}.safetensors"))
+    finally:
+        hal.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
