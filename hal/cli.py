@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from hal.registry import Registry
 if TYPE_CHECKING:
     from hal.model import DeepseekModel
     from hal.model.parallel import ParallelConfig
+    from hal.serving.metrics import ServingMetrics
 
 __all__ = ["RunError", "info_data", "main", "parse_prompt_ids"]
 
@@ -326,14 +328,8 @@ def _tiny_model(
     cfg = tiny_config()
     weights: dict[str, Weight] = dict(random_state_dict(cfg, seed=args.seed))
     if args.quantize is not None:
-        # What --model DIR --quantize does at load, on the built-in model's weights.
-        caps = backend.capabilities
-        if (args.quantize == "fp8" and caps.fp8_dtype is None) or (args.quantize == "int8" and not caps.int8):
-            raise RunError(
-                f"--quantize {args.quantize}: backend {backend.name!r} ({caps.arch}) has no "
-                f"{args.quantize.upper()} arithmetic; run without --quantize or choose another backend"
-            )
-        fp8 = caps.fp8_dtype or torch.float8_e4m3fn
+        # What --model DIR --quantize does at load, on the built-in model's weights (_check_quantize ran).
+        fp8 = backend.capabilities.fp8_dtype or torch.float8_e4m3fn
         for name, w in list(weights.items()):
             quantized = (
                 quantize_linear(w, args.quantize, fp8) if is_linear(name) and isinstance(w, torch.Tensor) else None
@@ -347,17 +343,143 @@ def _tiny_model(
     return DeepseekModel(cfg, backend, weights, dtype=dtype, parallel=parallel)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from hal.model.generate import generate
+def _check_quantize(args: argparse.Namespace, backend: hal.Backend) -> None:
+    """``--quantize`` needs the arithmetic on ``backend``; ``--dequantize-fp8`` contradicts it."""
+    if args.quantize is None:
+        return
+    if args.dequantize_fp8:
+        raise RunError(
+            "--dequantize-fp8: loads an FP8 checkpoint as --dtype weights; it cannot be combined with --quantize"
+        )
+    caps = backend.capabilities
+    if (args.quantize == "fp8" and caps.fp8_dtype is None) or (args.quantize == "int8" and not caps.int8):
+        raise RunError(
+            f"--quantize {args.quantize}: backend {backend.name!r} ({caps.arch}) has no "
+            f"{args.quantize.upper()} arithmetic; run without --quantize or choose another backend"
+        )
 
+
+def _checkpoint_fp8_names(model_dir: str) -> set[str] | None:
+    """The weights a checkpoint stores in FP8 (those with a ``_scale_inv``), from its index or its
+    safetensors headers alone; ``None`` when they cannot be read (the loader then says why)."""
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    suffix = "_scale_inv"
+    try:
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            keys = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        else:
+            keys = []
+            for path in sorted(root.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    keys += list(f.keys())
+    except Exception:  # unreadable or malformed: load_weights reports it with the file and the reason
+        return None
+    return {k[: -len(suffix)] for k in keys if k.endswith(suffix)}
+
+
+def _check_layout(args: argparse.Namespace, backend: hal.Backend, world: int, prompts: list[list[int]] | None) -> None:
+    """Refuse, before the rendezvous and before any weight is built or read, a --tp/--ep run that cannot
+    go: a combination the world size refuses, sizes the config does not divide, --ep on a model without
+    routed experts, FP8 weights that --tp would cut off their 128-blocks, or prompts the model cannot take
+    (ids outside the vocabulary, too long)."""
+    from hal.model import tiny_config
+    from hal.model.config import ModelConfig
+    from hal.model.generate import check_prompts
+    from hal.model.loader import fp8_checkpoint_policy
+    from hal.model.parallel import ParallelConfig, quantized_to_fp8
+
+    par = ParallelConfig.create(args.tp, args.ep, rank=0, world_size=world)
+    cfg = tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
+    if prompts is not None:
+        check_prompts(prompts, cfg, args.max_new_tokens)
+    in_fp8: set[str] = set()
+    if args.model is not None and fp8_checkpoint_policy(backend.capabilities, dequantize=args.dequantize_fp8) == "fp8":
+        in_fp8 = _checkpoint_fp8_names(args.model) or set()
+    quantize_fp8 = args.quantize == "fp8"
+
+    def is_fp8(name: str, shape: tuple[int, ...]) -> bool:
+        return name in in_fp8 or (quantize_fp8 and quantized_to_fp8(name, shape))
+
+    par.check(cfg, fp8=is_fp8 if in_fp8 or quantize_fp8 else None)
+
+
+def _launch_position() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` as torchrun set them; ``(0, 1)`` outside torchrun (or when they do not parse,
+    which :func:`hal.model.parallel.init_parallel` then reports)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``hal run``: check everything the command line and the config decide, then (under torchrun) start
+    the process group, build the model, generate and report (rank 0 alone reports).
+
+    On several processes an error is printed as ``rank R/W: ...``, except one that the command line and
+    the config decide, which every rank meets alike before the rendezvous and rank 0 alone prints; the
+    process group is shut down however the run ends."""
+    from hal.model.generate import GenerationError
+    from hal.model.parallel import ParallelError, init_parallel
+
+    rank, world = _launch_position()
+    if world > 1 and rank != 0:  # rank 0 alone reports: progress, logs and output
+        args.quiet = True
+        logging.getLogger("hal").setLevel(logging.WARNING)
     if not args.quiet:
         for name in ("hal.cli", "hal.model"):
             logging.getLogger(name).setLevel(logging.INFO)
-    dtype = DTYPES[args.dtype]
-    prompts: list[list[int]] | None = None
-    tokenizer = None
+
+    def fail(exc: HALError) -> int:
+        where = f"rank {rank}/{world}: " if world > 1 else ""
+        sys.stderr.write(f"hal {args.command}: error: {where}{exc}\n")  # one write: ranks share the terminal
+        sys.stderr.flush()
+        return 1
+
+    try:
+        backend, prompts, tokenizer = _prepare_run(args, world)
+    except (RunError, ParallelError, GenerationError) as exc:
+        return fail(exc) if rank == 0 else 1  # the same on every rank: said once
+    except HALError as exc:  # a backend or a file that may fail on one rank only
+        return fail(exc)
+    try:
+        parallel = init_parallel(args.tp, args.ep, backend)  # None: one process
+        return _execute_run(args, backend, prompts, tokenizer, parallel)
+    except HALError as exc:
+        return fail(exc)
+    finally:
+        if world > 1:
+            from hal.distributed import info, shutdown
+
+            if info() is not None:  # the group this run started, whatever happened since
+                shutdown()
+
+
+def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, list[list[int]] | None, Any]:
+    """Everything ``hal run`` checks and reads before a process group or a model: the options together,
+    the sampling values, the prompts, the backend (on this rank's device) and the parallel layout.
+
+    :returns: the backend, the prompts (``None``: random ones, drawn once the vocabulary is known) and the
+        tokenizer (``None`` without ``--prompt``).
+    """
+    from hal.model.generate import check_sampling
+
     if args.batch is not None and (args.prompt_ids is not None or args.prompt is not None):
         raise RunError("--batch: draws random prompts; it cannot be combined with --prompt-ids or --prompt")
+    if args.metrics_port is not None and (args.tp > 1 or args.ep > 1 or world > 1):
+        raise RunError("--metrics-port: serving metrics run in one process; drop --tp/--ep and torchrun")
+    if args.metrics_port is None and (args.op_metrics or args.metrics_linger):
+        raise RunError("--op-metrics and --metrics-linger go with --metrics-port [ADDR:]PORT")
+    if not 0 <= args.metrics_linger < math.inf:
+        raise RunError(f"--metrics-linger: expected a finite number of seconds >= 0, got {args.metrics_linger}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    prompts: list[list[int]] | None = None
+    tokenizer = None
     # Read every input before loading a model, which can take minutes.
     if args.prompt_ids is not None:
         prompts = parse_prompt_ids(args.prompt_ids)
@@ -367,14 +489,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for i, p in enumerate(prompts):
             if not p:
                 raise RunError(f"--prompt: prompt {i} ({args.prompt[i]!r}) encodes to no tokens")
-    backend = hal.get_backend(args.backend)
-    from hal.model.parallel import init_parallel
+    registry = hal.default_registry()
+    if world > 1 and not registry.spec(registry.select(args.backend)).reference:
+        from hal.distributed import bind_local_device
 
-    parallel = init_parallel(args.tp, args.ep, backend)  # None: one process
-    if parallel is not None and parallel.rank != 0:  # rank 0 alone reports
-        args.quiet = True
-        for name in ("hal.cli", "hal.model"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        bind_local_device()  # build the backend on this rank's device, not device 0
+    backend = hal.get_backend(args.backend)
+    _check_quantize(args, backend)
+    if world > 1:
+        _check_layout(args, backend, world, prompts)
+    return backend, prompts, tokenizer
+
+
+def _execute_run(
+    args: argparse.Namespace,
+    backend: hal.Backend,
+    prompts: list[list[int]] | None,
+    tokenizer: Any,
+    parallel: ParallelConfig | None,
+) -> int:
+    metrics = None
+    if args.metrics_port is not None:
+        # Served from before the model is built to after the report (+ --metrics-linger seconds), so a
+        # scrape sees the whole run and its final values. (_prepare_run refused it with --tp/--ep.)
+        from hal.serving.metrics import ServingMetrics
+
+        addr, port = args.metrics_port
+        metrics = ServingMetrics(op_metrics=args.op_metrics)
+        try:
+            port = metrics.serve(port, addr)  # the port bound: the one asked for, or a free one for 0
+        except OSError as exc:
+            raise RunError(f"--metrics-port: cannot listen on {addr}:{port}: {exc}; pick another port") from None
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", addr, port)
+    try:
+        _generate_and_report(args, backend, prompts, tokenizer, parallel, metrics)
+        if metrics is not None:
+            metrics.close(linger_s=args.metrics_linger)
+    finally:
+        if metrics is not None:
+            metrics.close()  # at once when the run failed
+    return 0
+
+
+def _generate_and_report(
+    args: argparse.Namespace,
+    backend: hal.Backend,
+    prompts: list[list[int]] | None,
+    tokenizer: Any,
+    parallel: ParallelConfig | None,
+    metrics: ServingMetrics | None,
+) -> None:
+    from hal.model.generate import generate
+
+    dtype = DTYPES[args.dtype]
     label = TINY_MODEL if args.model is None else str(args.model)
     log.info("building %s on %s (%s, %s)", label, backend.name, backend.device, args.dtype)
     if args.model is None:
@@ -399,15 +566,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # would otherwise be charged to the reported rates: run one short sequence first, untimed.
         log.info("warm-up: one sequence, %d new token(s)", min(2, args.max_new_tokens))
         generate(model, [prompts[0][:8]], max_new_tokens=min(2, args.max_new_tokens))
-    if args.metrics_port is not None:
-        # Through hal.AutoBatcher, which records the Prometheus metrics (per-op ones included) and serves
-        # them while generating. Greedy tokens are generate()'s; sampled prompt i is seeded seed + i.
+    if metrics is not None:
+        # Through hal.AutoBatcher, which records into the metrics; the tokens, sampled ones included, are
+        # generate()'s (all prompts run as one batch, drawing from one generator seeded --seed).
         from hal.serving import generate_batched
 
-        if parallel is not None:
-            raise RunError("--metrics-port: serving metrics run in one process; drop --tp/--ep")
-        addr, port = args.metrics_port
-        log.info("serving Prometheus metrics on http://%s:%d/metrics while generating", addr, port)
         result = generate_batched(
             model,
             prompts,
@@ -415,9 +578,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
-            metrics_port=port,
-            metrics_addr=addr,
-            op_metrics=True,
+            metrics=metrics,
         )
     else:
         result = generate(
@@ -448,13 +609,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if texts is not None:
         data["prompt_texts"] = list(args.prompt)
         data["texts"] = texts
+    if metrics is not None:
+        data["metrics_port"] = metrics.port
     if parallel is None or parallel.rank == 0:
         _emit(data, args.json, format_run)
-    if parallel is not None:
-        from hal.distributed import shutdown
-
-        shutdown()
-    return 0
 
 
 def _per_s(rate: float | None) -> str:
@@ -709,10 +867,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_listen_address,
         metavar="[ADDR:]PORT",
-        help="serve Prometheus metrics (tokens/s, latencies, batch sizes, KV-cache blocks, per-op calls and "
-        "latency, device memory and health) on PORT while generating, the prompts going through "
-        "hal.AutoBatcher; ADDR defaults to 127.0.0.1 (0.0.0.0 for a remote Prometheus). Needs prometheus-client "
-        "(pip install 'hal-accel[metrics]')",
+        help="serve Prometheus metrics (tokens/s, latencies, batch sizes, KV-cache blocks, device memory and "
+        "health) on PORT (0: a free one, logged and in --json as metrics_port) from start-up to the end of the "
+        "run, the prompts going through hal.AutoBatcher (same tokens as without it); ADDR defaults to "
+        "127.0.0.1 (0.0.0.0 for a remote Prometheus). Needs prometheus-client (pip install 'hal-accel[metrics]')",
+    )
+    run.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --metrics-port: keep serving this long after the report, so a Prometheus scraping at least "
+        "that often gets the final values (default 0: exit at once)",
+    )
+    run.add_argument(
+        "--op-metrics",
+        action="store_true",
+        help="with --metrics-port: also time every op (hal_op_latency_seconds); wrapping the ops adds host "
+        "time, so the reported rates drop a little",
     )
     run.add_argument(
         "--no-warmup",

@@ -14,7 +14,10 @@ tried) it
    resources the compiled code needs: registers and spills from ptxas' report and ``cuobjdump
    --dump-resource-usage`` (Triton's bundled tools) on CUDA, from the ``amdgcn`` metadata (VGPRs,
    SGPRs, AGPRs, spill counts, scratch) on HIP; shared memory from Triton's metadata,
-4. on ``sm_*`` targets, compiles every CUDA C source ``hal_nvidia/cuda/*.cu`` with ``nvcc -cubin``
+4. marks ``error`` any kernel needing more shared memory (LDS) per program than the target has
+   (:data:`SHARED_MEMORY_LIMITS`): it compiles, but cannot launch; a target without a known limit is
+   not checked, and the report's notes say so,
+5. on ``sm_*`` targets, compiles every CUDA C source ``hal_nvidia/cuda/*.cu`` with ``nvcc -cubin``
    for the target (``sm_90a`` for ``sm_90``), reporting ptxas' registers and spills per kernel; without
    nvcc those lines are ``skipped`` with the reason.
 
@@ -52,6 +55,7 @@ from hal.progress import Progress
 
 __all__ = [
     "KNOWN_TARGETS",
+    "SHARED_MEMORY_LIMITS",
     "CheckReport",
     "CompileCheckError",
     "KernelResult",
@@ -64,6 +68,21 @@ __all__ = [
 
 #: the targets CI checks; any other ``sm_XY`` / ``gfxNNN`` is tried too.
 KNOWN_TARGETS = ("sm_80", "sm_90", "sm_100", "gfx942", "gfx950")
+
+#: Shared memory (AMD: LDS) one program may use, in bytes, by target: on NVIDIA the opt-in maximum per
+#: block (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 227 KiB on H100/B200, 163 KiB on A100, 99 KiB on
+#: the consumer parts), on AMD the LDS of one workgroup (64 KiB on MI300, 160 KiB on MI350). More than
+#: this compiles but cannot launch (Triton raises ``OutOfResources`` at the first call).
+SHARED_MEMORY_LIMITS: Mapping[str, int] = {
+    "sm_80": 163 * 1024,
+    "sm_86": 99 * 1024,
+    "sm_89": 99 * 1024,
+    "sm_120": 99 * 1024,
+    "sm_90": 227 * 1024,
+    "sm_100": 227 * 1024,
+    "gfx942": 64 * 1024,
+    "gfx950": 160 * 1024,
+}
 
 Status = Literal["ok", "error", "skipped", "unsupported"]
 
@@ -99,6 +118,11 @@ class Target:
     warp_size: int
     fp8: str
     package: str
+
+    @property
+    def shared_limit(self) -> int | None:
+        """Bytes of shared memory (LDS) a program may use (:data:`SHARED_MEMORY_LIMITS`); ``None``: unknown."""
+        return SHARED_MEMORY_LIMITS.get(self.name)
 
     @property
     def nvcc_arch(self) -> str:
@@ -146,8 +170,9 @@ class KernelResult:
     :ivar kernel: the compile spec's name (``gemm_fp8[bf16 out]``), or ``file.cu:function`` for CUDA C.
     :ivar module: the kernel module (``gemm``), or ``cuda`` for CUDA C sources.
     :ivar kind: ``triton`` or ``cuda-c``.
-    :ivar status: ``ok``, ``error`` (fails the check), ``skipped`` (with the reason in ``detail``) or
-        ``unsupported`` (the installed Triton cannot target this arch).
+    :ivar status: ``ok``, ``error`` (fails the check: it does not compile, or needs more shared memory
+        than the target has), ``skipped`` (with the reason in ``detail``) or ``unsupported`` (the
+        installed Triton cannot target this arch).
     :ivar registers: per thread: ptxas' count on CUDA, VGPRs (AGPRs included) on HIP.
     :ivar shared: shared memory (LDS) per program in bytes.
     :ivar spills: bytes of spill stores on CUDA; VGPRs spilled to scratch on HIP (``spill_unit`` says
@@ -191,7 +216,11 @@ class KernelResult:
 
 @dataclass
 class CheckReport:
-    """What :func:`run_check` found; :meth:`as_dict` is what ``--json`` prints."""
+    """What :func:`run_check` found; :meth:`as_dict` is what ``--json`` prints.
+
+    :ivar shared_limit: the target's shared memory per program in bytes (:data:`SHARED_MEMORY_LIMITS`),
+        ``None`` when unknown (then unchecked, and a note says so).
+    """
 
     target: str
     triton_version: str | None
@@ -199,6 +228,7 @@ class CheckReport:
     results: list[KernelResult]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    shared_limit: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -218,6 +248,7 @@ class CheckReport:
             "ok": self.ok,
             "counts": self.counts(),
             "seconds": round(self.seconds, 2),
+            "shared_limit": self.shared_limit,
             "notes": list(self.notes),
             "results": [r.as_dict() for r in self.results],
         }
@@ -600,6 +631,24 @@ def _compile_job(compiler: _Compiler, job: _Job) -> KernelResult:
     return result
 
 
+def _check_shared(result: KernelResult, target: Target) -> None:
+    """An ``ok`` result needing more shared memory than ``target`` has becomes an ``error`` saying so."""
+    limit = target.shared_limit
+    if result.status != "ok" or result.shared is None or limit is None or result.shared <= limit:
+        return
+    remedy = (
+        "shrink its shared arrays"
+        if result.kind == "cuda-c"
+        else f"lower num_stages or the block sizes for {target.name} in its tuning file"
+    )
+    result.status = "error"
+    result.detail = (
+        f"needs {_size(result.shared)} ({result.shared} bytes) of shared memory per program; {target.name} has "
+        f"{_size(limit)} ({limit} bytes): it compiles but cannot launch; {remedy}"
+        + (f"\n{result.detail}" if result.detail else "")
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # CUDA C sources
 # ---------------------------------------------------------------------------------------------------
@@ -728,9 +777,17 @@ def run_check(
                 produced = [r for r in produced if fnmatch.fnmatchcase(r.kernel, kernel)] or produced
             results.extend(produced)
             bar.update()
+    for result in results:
+        _check_shared(result, tgt)
+    if tgt.shared_limit is None:
+        notes.append(
+            f"no shared-memory limit known for {tgt.name} (known: {', '.join(SHARED_MEMORY_LIMITS)}): "
+            "shared memory per program is reported but not checked"
+        )
     if tgt.backend == "cuda" and not sources and kernel is None:
         notes.append("no CUDA C sources found (hal_nvidia/cuda/*.cu)")
-    return CheckReport(tgt.name, triton.__version__, str(directory), results, time.perf_counter() - start, notes)
+    seconds = time.perf_counter() - start
+    return CheckReport(tgt.name, triton.__version__, str(directory), results, seconds, notes, tgt.shared_limit)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -769,7 +826,7 @@ def format_report(data: Mapping[str, Any]) -> str:
     for r in data["results"]:
         shape = "-" if r["num_warps"] is None else f"{r['num_warps']}/{r['num_stages']}"
         rows.append([
-            r["kernel"], r["target"], r["status"], _registers(r), _size(r["shared"]) if r["status"] == "ok" else "-",
+            r["kernel"], r["target"], r["status"], _registers(r), _size(r["shared"]),
             _spills(r), shape, f"{r['seconds']:.1f}s",
         ])  # fmt: skip
         if r["status"] not in ("ok", "unsupported") and r["detail"]:  # unsupported: said once, in a note
@@ -782,9 +839,11 @@ def format_report(data: Mapping[str, Any]) -> str:
     lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     counts = data["counts"]
     spilling = sum(1 for r in data["results"] if r["status"] == "ok" and r["spills"])
+    limit = data.get("shared_limit")
+    shared = f"shared ≤ {_size(limit)}" if limit else "shared not checked"
     summary = (
         f"{data['target']} · triton {data['triton_version']} · {counts['ok']} ok, {counts['error']} error, "
-        f"{counts['skipped']} skipped, {counts['unsupported']} unsupported · {spilling} spilling · "
+        f"{counts['skipped']} skipped, {counts['unsupported']} unsupported · {spilling} spilling · {shared} · "
         f"{data['seconds']:.1f} s · tuning {data['tuning_dir']}"
     )
     out = [*lines, "", summary]
@@ -804,7 +863,7 @@ def add_parser(sub: Any, func: Callable[[argparse.Namespace], int]) -> argparse.
         "(hal_nvidia/cuda/*.cu) with nvcc on sm_* targets. Prints each kernel's status (ok, error, skipped, "
         "unsupported), registers per thread (HIP: VGPRs/SGPRs), shared memory per program and spills (CUDA: bytes "
         "of spill stores; HIP: VGPRs spilled to scratch, SGPR spills in parentheses). Exit status 1 when any "
-        "kernel fails to compile.",
+        "kernel fails to compile or needs more shared memory per program than the target has.",
         epilog="Examples: hal compile-check --target sm_90 · hal compile-check --target gfx942 --json · "
         "hal compile-check --target sm_90 --kernel mla_decode",
     )

@@ -13,7 +13,8 @@ Typical use, in a script started by ``torchrun --nproc-per-node N script.py``::
 torchrun sets), binds the process to device ``LOCAL_RANK`` for device backends (CUDA, NPU; never for
 CPU/gloo) and starts the default process group with the backend's ``capabilities.dist_backend``
 (``gloo``, ``nccl``, ``hccl``) and a timeout (``timeout_s``, else ``HAL_DIST_TIMEOUT`` seconds, else
-120 s).
+120 s). A launcher that builds its backend before :func:`init` calls :func:`bind_local_device` first,
+so the backend's start-up (device queries, a probe run) happens on the rank's own device, not device 0.
 
 Failure: the timeout is what the transport waits for a peer before it fails the collective. A peer
 that exits shows up on gloo at once as a connection reset; a peer that stalls shows up after the
@@ -47,6 +48,7 @@ __all__ = [
     "ENV_VARS",
     "TIMEOUT_ENV",
     "DistInfo",
+    "bind_local_device",
     "collective_guard",
     "info",
     "init",
@@ -143,6 +145,44 @@ def _bind_device(device_type: str, local_rank: int) -> None:
             f"distributed.init: torch has no {device_type}.set_device to bind local rank {local_rank}"
         )
     set_device(local_rank)
+
+
+def bind_local_device() -> str | None:
+    """Make device ``LOCAL_RANK`` current on the accelerator torch sees, before a backend is built.
+
+    A backend is built on torch's current device (NVIDIA and ROCm read its properties and may try an op
+    there), so each rank of a multi-device job binds first. The accelerator is the one
+    ``torch.accelerator`` knows: CUDA and ROCm always; an NPU only once ``torch_npu`` has been imported,
+    which the Ascend backend does when it is built (:func:`init` binds it then, before any collective).
+
+    :returns: the device type bound (``"cuda"``), or ``None``: ``LOCAL_RANK`` is unset (not under
+        torchrun) or torch sees no accelerator.
+    :raises hal.errors.CollectiveError: ``LOCAL_RANK`` is not an integer >= 0, or not below the number of
+        devices this process sees.
+    """
+    raw = os.environ.get("LOCAL_RANK", "").strip()
+    if not raw:
+        return None
+    try:
+        local = int(raw)
+    except ValueError:
+        raise CollectiveError(f"bind_local_device: LOCAL_RANK must be an integer, got {raw!r}") from None
+    if local < 0:
+        raise CollectiveError(f"bind_local_device: LOCAL_RANK must be >= 0, got {local}")
+    acc = getattr(torch, "accelerator", None)
+    if acc is None or not acc.is_available():
+        return None
+    device = acc.current_accelerator()
+    if device is None:
+        return None
+    count = acc.device_count()
+    if local >= count:
+        raise CollectiveError(
+            f"bind_local_device: LOCAL_RANK {local} but this process sees {count} {device.type} device(s); launch "
+            f"at most {count} processes per node (torchrun --nproc-per-node), or check the visible devices"
+        )
+    _bind_device(device.type, local)
+    return device.type
 
 
 def init(backend: Backend | None = None, *, timeout_s: float | None = None) -> DistInfo:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,7 +14,19 @@ import torch
 
 from hal.errors import OpInputError
 
-__all__ = ["FP8", "INTERPRETING", "CompileSpec", "empty", "merge_config", "require_device", "set_poison"]
+__all__ = [
+    "FNUZ_PATCH_PROBLEM",
+    "FP8",
+    "INTERPRETING",
+    "CompileSpec",
+    "Launch",
+    "empty",
+    "fp8_dtype",
+    "merge_config",
+    "ptr",
+    "require_device",
+    "set_poison",
+]
 
 #: ``TRITON_INTERPRET=1`` at import: the kernels run on the CPU through Triton's interpreter.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -50,6 +65,128 @@ class CompileSpec:
         """``ASTSource``'s ``attrs`` (Triton >= 3.3): ``tt.divisibility = 16`` on :attr:`divisible_by_16`."""
         names = list(self.kernel.arg_names)
         return {(names.index(n),): [["tt.divisibility", 16]] for n in self.divisible_by_16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a launcher launches, and what compile-check compiles: one description for both
+# ---------------------------------------------------------------------------------------------------
+
+#: torch dtype → Triton pointer type, as Triton's JIT types a tensor argument at a launch.
+_PTR_TYPES: dict[torch.dtype, str] = {
+    torch.float32: "*fp32",
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float8_e4m3fn: "*fp8e4nv",
+    torch.float8_e4m3fnuz: "*fp8e4b8",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
+    torch.int8: "*i8",
+    torch.uint8: "*u8",
+}
+
+
+def ptr(dtype: torch.dtype) -> str:
+    """The Triton pointer type of a tensor of ``dtype`` (``torch.bfloat16`` → ``"*bf16"``).
+
+    :raises KeyError: a dtype no kernel takes.
+    """
+    return _PTR_TYPES[dtype]
+
+
+def fp8_dtype(fp8: str) -> torch.dtype:
+    """The torch dtype of a target's fp8 pointer type: ``"*fp8e4b8"`` → ``float8_e4m3fnuz``, ``"*fp8e4nv"``
+    (or :data:`FP8`, the placeholder) → ``float8_e4m3fn``."""
+    return torch.float8_e4m3fnuz if fp8 == "*fp8e4b8" else torch.float8_e4m3fn
+
+
+def _constexpr_args(kernel: Any) -> list[str]:
+    """The ``tl.constexpr`` arguments of a ``@triton.jit`` function (compiled or interpreted)."""
+    params = getattr(kernel, "params", None)
+    if params is not None:  # a JITFunction
+        return [p.name for p in params if p.is_constexpr]
+    fn = getattr(kernel, "fn", kernel)  # the interpreter's InterpretedFunction wraps the Python function
+    return [
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if "constexpr" in str(p.annotation)  # "tl.constexpr" (a string under postponed annotations)
+    ]
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_problem(
+    kernel: Any, constexprs: tuple[str, ...], pointers: tuple[str, ...], scalars: tuple[str, ...]
+) -> str | None:
+    """What is wrong with a :class:`Launch` of ``kernel`` giving these names (``None``: nothing)."""
+    names = list(kernel.arg_names)
+    declared = set(_constexpr_args(kernel))
+    problems = []
+    if set(constexprs) != declared:
+        problems.append(f"constexprs given {sorted(constexprs)}, the kernel declares {sorted(declared)}")
+    unknown = sorted((set(pointers) | set(scalars)) - set(names))
+    if unknown:
+        problems.append(f"no such arguments {unknown}")
+    untyped = [n for n in names if n.endswith("_ptr") and n not in pointers]
+    if untyped:
+        problems.append(f"pointer arguments without a type {untyped}")
+    return "; ".join(problems) or None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a launcher gives one kernel besides its runtime values: the type of every pointer
+    argument, the value of every ``constexpr``, the types of non-``i32`` scalars, warps and stages.
+
+    A launcher builds it from its inputs' dtypes and flags and calls it (``launch(grid, *args)``);
+    ``compile_specs`` builds it with the *same* function from the dtypes and flags it compiles for and
+    turns it into a :class:`CompileSpec` (:meth:`spec`), so what ``hal compile-check`` compiles is what
+    runs, by construction.
+
+    :param kernel: the ``@triton.jit`` function.
+    :param pointers: every pointer argument → its Triton type (:func:`ptr` of the tensor's dtype).
+    :param constexprs: every ``constexpr`` argument → its value.
+    :param num_warps: warps per program.
+    :param num_stages: software-pipelining stages.
+    :param scalars: scalar arguments that are not ``i32`` → their type (``{"eps": "fp32"}``).
+    """
+
+    kernel: Any
+    pointers: Mapping[str, str]
+    constexprs: Mapping[str, Any]
+    num_warps: int
+    num_stages: int
+    scalars: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked once per kernel and set of names (launchers build a Launch per call: a few µs at most).
+        problem = _launch_problem(self.kernel, tuple(self.constexprs), tuple(self.pointers), tuple(self.scalars))
+        if problem:
+            raise TypeError(f"Launch of {getattr(self.kernel, '__name__', self.kernel)}: {problem}")
+
+    def __call__(self, grid: tuple[int, ...], *args: Any) -> None:
+        """Launch the kernel on ``grid`` with the runtime ``args`` (every non-``constexpr`` argument, in order)."""
+        self.kernel[grid](*args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def signature(self) -> dict[str, str]:
+        """Every kernel argument → its Triton type: pointers as given, ``constexpr``, scalars ``i32`` unless
+        :attr:`scalars` says otherwise (Triton types an ``int`` argument below 2**31 as ``i32``)."""
+        return {
+            n: "constexpr" if n in self.constexprs else self.pointers.get(n) or self.scalars.get(n, "i32")
+            for n in self.kernel.arg_names
+        }
+
+    def spec(self, name: str, divisible_by_16: tuple[str, ...] = ()) -> CompileSpec:
+        """This launch as ``hal compile-check`` compiles it (``divisible_by_16``: see :class:`CompileSpec`;
+        names the kernel does not take are dropped, so one list can serve several kernels)."""
+        signature = self.signature()
+        return CompileSpec(
+            name=name,
+            kernel=self.kernel,
+            signature=signature,
+            constexprs=dict(self.constexprs),
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            divisible_by_16=tuple(a for a in divisible_by_16 if a in signature),
+        )
 
 
 def merge_config(default: Mapping[str, int], config: Mapping[str, int] | None, op: str) -> dict[str, int]:
@@ -104,22 +241,31 @@ def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.
 # ---------------------------------------------------------------------------------------------------
 
 
-def _interpreter_knows_fp8e4b8() -> None:
-    """Teach Triton's interpreter the e4m3fnuz type (``fp8e4b8``, AMD gfx942's fp8).
+def _interpreter_knows_fp8e4b8(interpreter: Any = None) -> str | None:
+    """Teach Triton's interpreter the e4m3fnuz type (``fp8e4b8``, AMD gfx942's fp8); ``None`` when the
+    patch is in place, otherwise why it could not be applied.
 
     The interpreter implements e4m3fnuz (its builder has the type and its float conversion handles
     the exponent bias) but the ``dtype.to_ir`` it installs while a kernel runs lacks the case, so any
     pointer arithmetic on an e4m3fnuz tensor fails with "fail to convert fp8e4b8 to ir type" (seen in
-    triton 3.7.1). This wraps that patch with the missing case. Only ever called when interpreting;
-    a Triton without the hook (or with the case) is left alone.
+    triton 3.7.1). This wraps that patch, ``triton.runtime.interpreter._patch_lang_core`` (a Triton
+    private), with the missing case. Only ever called when interpreting. A Triton without that hook is
+    left alone and the reason returned: whether its interpreter knows e4m3fnuz anyway is for a probe to
+    find out (``tests/kernels/conftest.py`` runs one and skips the e4m3fnuz kernel tests, saying why,
+    when it does not).
+
+    :param interpreter: the module to patch; ``None`` means ``triton.runtime.interpreter``.
     """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:
-        return
+    if interpreter is None:
+        try:
+            interpreter = importlib.import_module("triton.runtime.interpreter")
+        except ImportError as exc:
+            return f"triton.runtime.interpreter cannot be imported ({exc})"
     original = getattr(interpreter, "_patch_lang_core", None)
-    if original is None or getattr(original, "_hal_fp8e4b8", False):
-        return
+    if original is None:
+        return "this Triton's interpreter has no _patch_lang_core to extend with the fp8e4b8 case"
+    if getattr(original, "_hal_fp8e4b8", False):
+        return None
 
     def patch_lang_core(lang: Any, scope: Any) -> None:
         original(lang, scope)
@@ -134,7 +280,8 @@ def _interpreter_knows_fp8e4b8() -> None:
 
     patch_lang_core._hal_fp8e4b8 = True  # type: ignore[attr-defined]
     interpreter._patch_lang_core = patch_lang_core
+    return None
 
 
-if INTERPRETING:
-    _interpreter_knows_fp8e4b8()
+#: Why the interpreter's e4m3fnuz patch could not be applied (``None``: applied, or not interpreting).
+FNUZ_PATCH_PROBLEM: str | None = _interpreter_knows_fp8e4b8() if INTERPRETING else None

@@ -17,9 +17,10 @@ which is an error. A kernel tuning file looks like::
   ``default``, or ``$comment``. NVIDIA archs are spelled ``sm_<major><minor>``; ``sm90``, ``sm_90a``
   and ``SM_90`` are read as ``sm_90`` (torch and the probes say ``sm90``, ptxas ``sm_90a``).
 - Each architecture maps config keys to integers: the keys the op's launcher takes (block sizes,
-  ``num_warps``, ``num_stages``, …; see each kernel module's defaults). A key the launcher does not
-  know is not dropped here: the launcher raises :class:`hal.errors.OpInputError` naming it, and
-  ``hal compile-check`` reports it for the kernel.
+  ``num_warps``, ``num_stages``, …; see each kernel module's ``DEFAULTS``). A key the launcher does not
+  know is never dropped: :func:`kernel_ops` rejects it when it binds the config (so a backend whose
+  tuning has a typo fails to build, for whichever architecture it is built), and ``hal compile-check``
+  reports it for the kernel.
 - Lookup for ``arch``: the ``default`` entry, overlaid by the ``arch`` entry when there is one (an
   arch entry may give only the keys it changes). A file with neither leaves the op on the kernel
   module's own defaults.
@@ -43,14 +44,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hal.errors import HALError
+import torch
+
+from hal.errors import DTypeError, HALError
 
 __all__ = [
     "COMMENT_KEY",
     "DEFAULT_KEY",
+    "FP8_DTYPES",
     "ArchPlan",
     "TuningError",
     "backend_kernel_ops",
+    "fp8_format_guard",
     "kernel_ops",
     "load_tuning",
     "normalize_arch",
@@ -185,12 +190,20 @@ def kernel_ops(
     docstring copied from the launcher, so ``hal info`` shows ``hal_kernels.gemm:gemm_fp8``); an op
     without one is the launcher itself (its module's defaults apply).
 
+    Each config is checked against its module's ``DEFAULTS[op]`` (the keys the launcher takes) as it is
+    bound, with the launcher's own check (:func:`hal_kernels._common.merge_config`), so a misspelt key
+    fails here rather than at the op's first call.
+
     :param tuning: op → config, as :func:`load_tuning` returns it.
     :param modules: kernel module names (under ``hal_kernels``) or modules; default
         :data:`hal_kernels.MODULES`. Importing them imports Triton.
-    :raises TuningError: ``tuning`` names an op that no kernel serves (a misnamed file), or two modules
-        serve the same op.
+    :raises TuningError: ``tuning`` names an op that no kernel serves (a misnamed file), two modules
+        serve the same op, or a config has a key its launcher does not take (or its module declares no
+        ``DEFAULTS`` for the op to check it against).
     """
+    from hal.errors import OpInputError
+    from hal_kernels._common import merge_config
+
     ops: dict[str, Callable[..., Any]] = {}
     owner: dict[str, str] = {}
     for module in _modules(modules):
@@ -202,6 +215,15 @@ def kernel_ops(
             if config is None:
                 ops[op] = launcher
                 continue
+            defaults = getattr(module, "DEFAULTS", {}).get(op)
+            if defaults is None:
+                raise TuningError(
+                    f"tuning for {op!r}: {module.__name__} declares no DEFAULTS[{op!r}] to check its config against"
+                )
+            try:
+                merge_config(defaults, config, op)
+            except OpInputError as exc:
+                raise TuningError(f"tuning for {op!r}: {exc}") from None
             bound = functools.partial(launcher, config=dict(config))
             functools.update_wrapper(bound, launcher)
             ops[op] = bound
@@ -216,9 +238,39 @@ def backend_kernel_ops(tuning_dir: str | Path, arch: str, fp8_format: str | None
     device without fp8 arithmetic (``fp8_format`` ``None``: sm_80, gfx90a) the FP8 ops are left out, so
     they fall back to the reference.
 
-    :raises TuningError: a malformed tuning file.
+    :raises TuningError: a malformed tuning file, or a config key a launcher does not take (the message
+        names the directory and the architecture).
     """
-    ops = kernel_ops(load_tuning(tuning_dir, arch))
+    tuning = load_tuning(tuning_dir, arch)  # its errors name the file
+    try:
+        ops = kernel_ops(tuning)
+    except TuningError as exc:
+        raise TuningError(f"tuning directory {tuning_dir}, architecture {normalize_arch(arch)}: {exc}") from None
     if fp8_format is None:
-        ops = {op: fn for op, fn in ops.items() if "fp8" not in op}
-    return ops
+        return {op: fn for op, fn in ops.items() if "fp8" not in op}
+    return {op: fp8_format_guard(op, fn, fp8_format) if "fp8" in op else fn for op, fn in ops.items()}
+
+
+#: the fp8 dtype of each ``Capabilities.fp8_format``.
+FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
+
+
+def fp8_format_guard(op: str, fn: Callable[..., Any], fp8_format: str) -> Callable[..., Any]:
+    """``fn``, refusing an fp8 tensor or ``fp8_dtype`` of the other format with a :class:`DTypeError`.
+
+    The catalogue admits both e4m3fn and e4m3fnuz, but a device computes in one (NVIDIA and gfx950:
+    e4m3fn; gfx942: e4m3fnuz) and Triton cannot compile the other for it: the call says so instead of
+    failing inside Triton's compiler. Costs a dtype check per argument."""
+    own = FP8_DTYPES[fp8_format]
+    other = next(dt for dt in FP8_DTYPES.values() if dt is not own)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if value is other or getattr(value, "dtype", None) is other:
+                raise DTypeError(
+                    op, None, f"this device computes in {own} (backend.capabilities.fp8_dtype), not {other}"
+                )
+        return fn(*args, **kwargs)
+
+    functools.update_wrapper(call, fn)  # hal info shows the implementation's own name
+    return call

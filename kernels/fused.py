@@ -143,6 +143,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _rms_norm_launch(cfg: Mapping[str, int], x_dtype: torch.dtype, w_dtype: torch.dtype, d: int) -> _common.Launch:
+    """``rms_norm``'s launch for rows of ``d`` values (the launcher's, and the compile specs')."""
+    block_d = triton.next_power_of_2(d)
+    x = _common.ptr(x_dtype)
+    return _common.Launch(
+        _rms_norm_kernel,
+        pointers={"x_ptr": x, "w_ptr": _common.ptr(w_dtype), "out_ptr": x},
+        constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": block_d},
+        num_warps=_row_warps(cfg["BLOCK_M"] * block_d, cfg["num_warps"]),
+        num_stages=cfg["num_stages"],
+        scalars={"eps": "fp32"},
+    )
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -165,20 +179,33 @@ def rms_norm(
         return out
     x2 = _rows(x)
     m, d = x2.shape
-    _rms_norm_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        x2,
-        weight.contiguous(),
-        out,
-        m,
-        d,
-        x2.stride(0),
-        float(eps),
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_D=triton.next_power_of_2(d),
-        num_warps=_row_warps(cfg["BLOCK_M"] * triton.next_power_of_2(d), cfg["num_warps"]),
+    w = weight.contiguous()
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+    _rms_norm_launch(cfg, x.dtype, w.dtype, d)(grid, x2, w, out, m, d, x2.stride(0), float(eps))
+    return out
+
+
+def _rotary_launch(
+    cfg: Mapping[str, int],
+    x_dtype: torch.dtype,
+    pos_dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+    d: int,
+    interleaved: bool,
+) -> _common.Launch:
+    """``rotary``'s launch for a rope dim ``d`` (the launcher's, and the compile specs')."""
+    x = _common.ptr(x_dtype)
+    return _common.Launch(
+        _rotary_kernel,
+        pointers={"x_ptr": x, "pos_ptr": _common.ptr(pos_dtype), "cs_ptr": _common.ptr(cache_dtype), "out_ptr": x},
+        constexprs={
+            "INTERLEAVED": bool(interleaved),
+            "BLOCK_H": cfg["BLOCK_H"],
+            "BLOCK_HALF": triton.next_power_of_2(d // 2),
+        },
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return out
 
 
 def rotary(
@@ -212,23 +239,23 @@ def rotary(
     heads = x3.shape[1]
     cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     grid = (t, triton.cdiv(heads, cfg["BLOCK_H"]))
-    _rotary_kernel[grid](
-        x3,
-        positions.contiguous(),
-        cache,
-        out,
-        heads,
-        d // 2,
-        x3.stride(0),
-        x3.stride(1),
-        cache.stride(0),
-        INTERLEAVED=bool(interleaved),
-        BLOCK_H=cfg["BLOCK_H"],
-        BLOCK_HALF=triton.next_power_of_2(d // 2),
+    pos = positions.contiguous()
+    _rotary_launch(cfg, x.dtype, pos.dtype, cache.dtype, d, interleaved)(
+        grid, x3, pos, cache, out, heads, d // 2, x3.stride(0), x3.stride(1), cache.stride(0)
+    )
+    return out
+
+
+def _silu_launch(cfg: Mapping[str, int], dtype: torch.dtype) -> _common.Launch:
+    """``silu_and_mul``'s launch (the launcher's, and the compile specs')."""
+    x = _common.ptr(dtype)
+    return _common.Launch(
+        _silu_and_mul_kernel,
+        pointers={"x_ptr": x, "out_ptr": x},
+        constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]},
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return out
 
 
 def silu_and_mul(x: torch.Tensor, *, config: Mapping[str, int] | None = None) -> torch.Tensor:
@@ -248,17 +275,7 @@ def silu_and_mul(x: torch.Tensor, *, config: Mapping[str, int] | None = None) ->
     x2 = _rows(x)
     m = x2.shape[0]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _silu_and_mul_kernel[grid](
-        x2,
-        out,
-        m,
-        n,
-        x2.stride(0),
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    _silu_launch(cfg, x.dtype)(grid, x2, out, m, n, x2.stride(0))
     return out
 
 
@@ -275,12 +292,11 @@ REFERENCE = {
 # Compile specs
 # ===================================================================================================
 
-_PTR = {"fp32": "*fp32", "bf16": "*bf16"}
-
 
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[CompileSpec]:
-    """What ``hal compile-check`` compiles: each kernel at DeepSeek-V3's shapes (hidden 7168, latent
-    512, rope dim 64) for bf16 and fp32.
+    """What ``hal compile-check`` compiles: each kernel at DeepSeek-V3's shapes (hidden 7168, q_lora 1536,
+    kv_lora 512, rope dim 64, int64 positions, an fp32 cos/sin cache) for fp32, bf16 and fp16, and rotary
+    with int32 positions.
 
     :param fp8: the target's Triton fp8 pointer type (unused: no fp8 here).
     :param tuning: op name → config; a missing op uses :data:`DEFAULTS`.
@@ -289,68 +305,14 @@ def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[Com
     cfg = {op: _common.merge_config(DEFAULTS[op], tuning.get(op), op) for op in DEFAULTS}
     norm, rope, silu = cfg["rms_norm"], cfg["rotary"], cfg["silu_and_mul"]
     specs: list[CompileSpec] = []
-    for name, ptr in _PTR.items():
-        for d in (7168, 512):
-            specs.append(
-                CompileSpec(
-                    f"rms_norm[{name}, D={d}]",
-                    _rms_norm_kernel,
-                    {
-                        "x_ptr": ptr,
-                        "w_ptr": ptr,
-                        "out_ptr": ptr,
-                        "M": "i32",
-                        "D": "i32",
-                        "stride_x": "i32",
-                        "eps": "fp32",
-                        "BLOCK_M": "constexpr",
-                        "BLOCK_D": "constexpr",
-                    },
-                    {"BLOCK_M": norm["BLOCK_M"], "BLOCK_D": triton.next_power_of_2(d)},
-                    _row_warps(norm["BLOCK_M"] * triton.next_power_of_2(d), norm["num_warps"]),
-                    norm["num_stages"],
-                )
-            )
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = _common.ptr(dtype)[1:]
+        for d in (7168, 1536, 512):
+            specs.append(_rms_norm_launch(norm, dtype, dtype, d).spec(f"rms_norm[{name}, D={d}]"))
         for interleaved in (True, False):
-            specs.append(
-                CompileSpec(
-                    f"rotary[{name}, {'interleaved' if interleaved else 'neox'}, D=64]",
-                    _rotary_kernel,
-                    {
-                        "x_ptr": ptr,
-                        "pos_ptr": "*i64",
-                        "cs_ptr": "*fp32",
-                        "out_ptr": ptr,
-                        "n_heads": "i32",
-                        "half": "i32",
-                        "stride_xt": "i32",
-                        "stride_xh": "i32",
-                        "stride_cs": "i32",
-                        "INTERLEAVED": "constexpr",
-                        "BLOCK_H": "constexpr",
-                        "BLOCK_HALF": "constexpr",
-                    },
-                    {"INTERLEAVED": interleaved, "BLOCK_H": rope["BLOCK_H"], "BLOCK_HALF": 32},
-                    rope["num_warps"],
-                    rope["num_stages"],
-                )
-            )
-        specs.append(
-            CompileSpec(
-                f"silu_and_mul[{name}]",
-                _silu_and_mul_kernel,
-                {
-                    "x_ptr": ptr,
-                    "out_ptr": ptr,
-                    "M": "i32",
-                    "N": "i32",
-                    "stride_x": "i32",
-                    "BLOCK_M": "constexpr",
-                    "BLOCK_N": "constexpr",
-                },
-                {"BLOCK_M": silu["BLOCK_M"], "BLOCK_N": silu["BLOCK_N"]},
-                silu["num_warps"],
-                silu["num_stages"],
-            )
-        )
+            launch = _rotary_launch(rope, dtype, torch.int64, torch.float32, 64, interleaved)
+            specs.append(launch.spec(f"rotary[{name}, {'interleaved' if interleaved else 'neox'}, D=64]"))
+        specs.append(_silu_launch(silu, dtype).spec(f"silu_and_mul[{name}]"))
+    launch = _rotary_launch(rope, torch.bfloat16, torch.int32, torch.float32, 64, True)
+    specs.append(launch.spec("rotary[bf16, interleaved, D=64, i32 positions]"))
     return specs

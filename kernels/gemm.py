@@ -19,10 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hal.errors import OpInputError
+from hal.errors import DTypeError, LayoutError, OpInputError, ShapeError
 from hal_kernels import _common
 
 __all__ = [
+    "DEFAULTS",
     "DEFAULT_CONFIG",
     "DIVISIBLE_BY_16",
     "OPS",
@@ -30,6 +31,7 @@ __all__ = [
     "SCALE_BLOCK",
     "check_blocks",
     "check_contiguous",
+    "check_fp8_operands",
     "check_unit_stride",
     "compile_specs",
     "dot",
@@ -46,6 +48,9 @@ DEFAULT_CONFIG: dict[str, int] = {
     "num_warps": 8,
     "num_stages": 4,
 }
+
+#: op → its default config (what a tuning file's keys are checked against).
+DEFAULTS: Mapping[str, Mapping[str, int]] = {"gemm_fp8": DEFAULT_CONFIG}
 
 #: The scale block edge of DeepSeek-V3 (``hal.ops.catalogue.BLOCK``).
 SCALE_BLOCK = 128
@@ -70,7 +75,10 @@ DIVISIBLE_BY_16 = (
     "stride_om",
 )
 
-_OUT_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+#: The output dtypes the FP8 GEMMs write.
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: The fp8 formats they read.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,6 +274,78 @@ def check_blocks(op: str, cfg: Mapping[str, int], fp8: bool) -> None:
             raise OpInputError(op, "config", f"{key} must divide the scale block {SCALE_BLOCK} for FP8, got {cfg[key]}")
 
 
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_fp8_operands(
+    op: str,
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    out_dtype: torch.dtype,
+    *,
+    x_dims: str = "[M, K]",
+    w_dims: str = "[N, K]",
+) -> None:
+    """What the FP8 kernels assume of their operands, checked from attributes only (no device read).
+
+    ``xq`` (laid out as ``x_dims``) and ``wq`` (``w_dims``: ``[N, K]``, or ``[E, N, K]`` for the expert
+    GEMMs) of one fp8 format, K a multiple of :data:`SCALE_BLOCK`; float32 scales ``xs [..., K / 128]``
+    matching xq's leading dims and ``ws [..., ceil(N / 128), K / 128]`` matching wq's. A K that is not
+    a multiple of 128 makes the K loop read past the rows and the scales, and a scale tensor of another
+    shape is read out of bounds: both are errors here, naming the argument.
+
+    :raises DTypeError, ShapeError, LayoutError: (all :class:`~hal.errors.OpInputError`) naming the argument.
+    """
+    for name, t, dims in (("xq", xq, x_dims), ("wq", wq, w_dims)):
+        if t.dim() != dims.count(",") + 1:
+            raise ShapeError(op, name, f"expected {dims}, got shape {_shape(t)}")
+    if xq.dtype not in FP8_DTYPES:
+        raise DTypeError(op, "xq", f"expected float8_e4m3fn | float8_e4m3fnuz, got {xq.dtype}")
+    if wq.dtype != xq.dtype:
+        raise DTypeError(op, "wq", f"expected xq's fp8 dtype {xq.dtype}, got {wq.dtype}")
+    for name, t in (("xs", xs), ("ws", ws)):
+        if t.dtype != torch.float32:
+            raise DTypeError(op, name, f"expected float32 scales, got {t.dtype}")
+    if out_dtype not in OUT_DTYPES:
+        raise DTypeError(op, "out_dtype", f"expected bfloat16 | float16 | float32, got {out_dtype}")
+    k = xq.shape[-1]
+    if k % SCALE_BLOCK:
+        raise LayoutError(op, "xq", f"K = {k} must be a multiple of {SCALE_BLOCK} (the scale block)")
+    if wq.shape[-1] != k:
+        raise ShapeError(op, "wq", f"K = {wq.shape[-1]} differs from xq's K = {k}")
+    groups = k // SCALE_BLOCK
+    want_xs = [*xq.shape[:-1], groups]
+    if _shape(xs) != want_xs:
+        raise ShapeError(op, "xs", f"expected {want_xs} (xq's rows x K / {SCALE_BLOCK}), got {_shape(xs)}")
+    n = wq.shape[-2]
+    want_ws = [*wq.shape[:-2], -(-n // SCALE_BLOCK), groups]
+    if _shape(ws) != want_ws:
+        raise ShapeError(
+            op, "ws", f"expected {want_ws} (ceil(N / {SCALE_BLOCK}) x K / {SCALE_BLOCK} per weight), got {_shape(ws)}"
+        )
+
+
+def _launch(cfg: Mapping[str, int], fp8_dtype: torch.dtype, out_dtype: torch.dtype) -> _common.Launch:
+    """The kernel launch for these dtypes (the launcher's, and the compile specs')."""
+    fp8 = _common.ptr(fp8_dtype)
+    return _common.Launch(
+        _gemm_fp8_kernel,
+        pointers={"x_ptr": fp8, "xs_ptr": "*fp32", "w_ptr": fp8, "ws_ptr": "*fp32", "out_ptr": _common.ptr(out_dtype)},
+        constexprs={
+            "BLOCK_M": cfg["BLOCK_M"],
+            "BLOCK_N": cfg["BLOCK_N"],
+            "BLOCK_K": cfg["BLOCK_K"],
+            "GROUP_M": cfg["GROUP_M"],
+            "SCALE_BLOCK": SCALE_BLOCK,
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
 def gemm_fp8(
     xq: torch.Tensor,
     xs: torch.Tensor,
@@ -291,14 +371,15 @@ def gemm_fp8(
     check_blocks(op, cfg, fp8=True)
     _common.require_device(op, {"xq": xq, "xs": xs, "wq": wq, "ws": ws})
     check_unit_stride(op, {"xq": xq, "wq": wq})
+    check_fp8_operands(op, xq, xs, wq, ws, out_dtype)
     m, k = xq.shape
     n = wq.shape[0]
     out = _common.empty((m, n), out_dtype, xq.device)
     if m == 0 or n == 0:
         return out
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _gemm_fp8_kernel[grid](
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _launch(cfg, xq.dtype, out_dtype)(
+        grid,
         xq,
         xs,
         wq,
@@ -314,13 +395,6 @@ def gemm_fp8(
         ws.stride(0),
         ws.stride(1),
         out.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"],
-        SCALE_BLOCK=SCALE_BLOCK,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -330,47 +404,11 @@ REFERENCE = {"gemm_fp8": "hal_cpu.reference.gemm:gemm_fp8"}
 
 
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_common.CompileSpec]:
-    """``gemm_fp8`` into bf16 (the model's) and fp32 outputs."""
+    """``gemm_fp8`` from ``fp8``'s format into each output dtype (bf16 is the model's)."""
     cfg = _common.merge_config(DEFAULT_CONFIG, tuning.get("gemm_fp8"), "gemm_fp8")
-    ints = (
-        "M",
-        "N",
-        "K",
-        "stride_xm",
-        "stride_xsm",
-        "stride_xsk",
-        "stride_wn",
-        "stride_wsn",
-        "stride_wsk",
-        "stride_om",
-    )
-    specs = []
-    for out_dtype in (torch.bfloat16, torch.float32):
-        out_type = _OUT_TYPES[out_dtype]
-        signature = {
-            "x_ptr": fp8,
-            "xs_ptr": "*fp32",
-            "w_ptr": fp8,
-            "ws_ptr": "*fp32",
-            "out_ptr": out_type,
-            **dict.fromkeys(ints, "i32"),
-            **dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "SCALE_BLOCK"), "constexpr"),
-        }
-        specs.append(
-            _common.CompileSpec(
-                name=f"gemm_fp8[{out_type[1:]} out]",
-                kernel=_gemm_fp8_kernel,
-                signature=signature,
-                constexprs={
-                    "BLOCK_M": cfg["BLOCK_M"],
-                    "BLOCK_N": cfg["BLOCK_N"],
-                    "BLOCK_K": cfg["BLOCK_K"],
-                    "GROUP_M": cfg["GROUP_M"],
-                    "SCALE_BLOCK": SCALE_BLOCK,
-                },
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-                divisible_by_16=tuple(a for a in DIVISIBLE_BY_16 if a in signature),
-            )
+    return [
+        _launch(cfg, _common.fp8_dtype(fp8), out_dtype).spec(
+            f"gemm_fp8[{_common.ptr(out_dtype)[1:]} out]", DIVISIBLE_BY_16
         )
-    return specs
+        for out_dtype in OUT_DTYPES
+    ]

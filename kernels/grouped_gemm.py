@@ -8,11 +8,14 @@ grid is ``(cdiv(M, BLOCK_M) + E, N tiles)``, an upper bound on the tile count th
 without reading ``offsets``; each program finds its segment on the device with one vector load of
 ``offsets``, a prefix sum of the segments' tile counts and a comparison, and programs past the last
 tile do nothing. Nothing is synchronized with the host, so the launch can be captured in a graph.
+Offsets are clamped to ``[0, M]`` on the device: bad offsets give wrong rows, never an access outside
+``x`` or ``out``.
 
 **Masked** (``grouped_gemm_masked``, ``grouped_gemm_fp8_masked``): ``x [E, max_m, K]`` with
 ``masked_m[e]`` valid rows; the grid is ``(cdiv(max_m, BLOCK_M), N tiles, E)`` and a tile past
 ``masked_m[e]`` runs no K step and writes zeros (rows past ``masked_m[e]`` may hold garbage, even NaN:
-they are never read into a stored row).
+they are never read into a stored row). ``masked_m[e]`` is clamped to ``[0, max_m]`` on the device, so a
+count past the slab never reads the next expert's rows.
 
 The K loops are :func:`hal_kernels.gemm.dot` and :func:`hal_kernels.gemm.fp8_block_dot`.
 """
@@ -31,12 +34,14 @@ from hal_kernels.gemm import (
     SCALE_BLOCK,
     check_blocks,
     check_contiguous,
+    check_fp8_operands,
     check_unit_stride,
     dot,
     fp8_block_dot,
 )
 
 __all__ = [
+    "DEFAULTS",
     "DEFAULT_CONFIG",
     "DEFAULT_CONFIG_FP8",
     "OPS",
@@ -52,6 +57,13 @@ __all__ = [
 DEFAULT_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 #: FP8 layouts on H100: one 128-deep scale block per K step, 4 × 32 KiB of fp8 stages.
 DEFAULT_CONFIG_FP8: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 4}
+#: op → its default config (what a tuning file's keys are checked against).
+DEFAULTS: Mapping[str, Mapping[str, int]] = {
+    "grouped_gemm": DEFAULT_CONFIG,
+    "grouped_gemm_masked": DEFAULT_CONFIG,
+    "grouped_gemm_fp8": DEFAULT_CONFIG_FP8,
+    "grouped_gemm_fp8_masked": DEFAULT_CONFIG_FP8,
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,8 +77,12 @@ def _find_segment(offsets_ptr, pid_m, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.c
     ``E`` the padding rows ``offsets[E]:M``; past the last tile the segment is ``> E`` and the range empty."""
     seg_ids = tl.arange(0, BLOCK_E)
     # Segment E (padding) ends at M; lanes past it are empty segments at M.
-    starts = tl.load(offsets_ptr + seg_ids, mask=seg_ids <= E, other=M).to(tl.int32)
-    ends = tl.load(offsets_ptr + seg_ids + 1, mask=seg_ids < E, other=M).to(tl.int32)
+    starts = tl.load(offsets_ptr + seg_ids, mask=seg_ids <= E, other=M)
+    ends = tl.load(offsets_ptr + seg_ids + 1, mask=seg_ids < E, other=M)
+    # Offsets are trusted no further than the rows there are: clamped to [0, M], each end to at least
+    # its start, so that bad offsets can give wrong rows but never a read or write outside x and out.
+    starts = tl.minimum(tl.maximum(starts, 0), M).to(tl.int32)
+    ends = tl.minimum(tl.maximum(ends, starts), M).to(tl.int32)
     tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
     ends_in_tiles = tl.cumsum(tiles, 0)
     # Tiles are numbered segment after segment: this tile's segment is the number of segments that
@@ -221,7 +237,8 @@ def _masked_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)
-    valid = tl.load(masked_m_ptr + e).to(tl.int32)
+    # masked_m is trusted no further than the slab: rows past MAX_M belong to the next expert.
+    valid = tl.minimum(tl.maximum(tl.load(masked_m_ptr + e), 0), MAX_M).to(tl.int32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = dot(
@@ -274,7 +291,8 @@ def _masked_fp8_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.program_id(2).to(tl.int64)
-    valid = tl.load(masked_m_ptr + e).to(tl.int32)
+    # masked_m is trusted no further than the slab: rows past MAX_M belong to the next expert.
+    valid = tl.minimum(tl.maximum(tl.load(masked_m_ptr + e), 0), MAX_M).to(tl.int32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = fp8_block_dot(
@@ -305,14 +323,45 @@ def _masked_fp8_kernel(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _half_flags(x: torch.Tensor) -> dict[str, bool]:
-    """``UPCAST``: half-precision tiles go to fp32 after the load under the interpreter (its bf16
-    arithmetic is wrong); ``IEEE``: fp32 inputs get full fp32 products, not TF32."""
-    return {"UPCAST": _common.INTERPRETING and x.dtype != torch.float32, "IEEE": x.dtype == torch.float32}
+#: The activation dtypes of the half-precision layouts, and the index dtypes of offsets / masked_m.
+HALF_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _launch_options(cfg: Mapping[str, int]) -> dict[str, int]:
-    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+def _launch(
+    op: str,
+    cfg: Mapping[str, int],
+    x_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    index_dtype: torch.dtype,
+    num_experts: int,
+) -> _common.Launch:
+    """The kernel launch of ``op`` for these dtypes (the launcher's, and the compile specs').
+
+    Half precision: ``UPCAST`` converts the tiles to fp32 after the load under the interpreter (its bf16
+    arithmetic is wrong), ``IEEE`` asks for full fp32 products for fp32 inputs (not TF32). The contiguous
+    layouts size their segment vector ``BLOCK_E`` for ``num_experts`` plus the padding segment.
+    """
+    fp8 = "fp8" in op
+    masked = op.endswith("_masked")
+    kernel = {
+        "grouped_gemm": _grouped_kernel,
+        "grouped_gemm_masked": _masked_kernel,
+        "grouped_gemm_fp8": _grouped_fp8_kernel,
+        "grouped_gemm_fp8_masked": _masked_fp8_kernel,
+    }[op]
+    x = _common.ptr(x_dtype)
+    pointers = {"x_ptr": x, "w_ptr": x, "out_ptr": _common.ptr(out_dtype)}
+    pointers["masked_m_ptr" if masked else "offsets_ptr"] = _common.ptr(index_dtype)
+    constexprs: dict[str, object] = {b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    if fp8:
+        pointers |= {"xs_ptr": "*fp32", "ws_ptr": "*fp32"}
+        constexprs["SCALE_BLOCK"] = SCALE_BLOCK
+    else:
+        constexprs |= {"UPCAST": _common.INTERPRETING and x_dtype != torch.float32, "IEEE": x_dtype == torch.float32}
+    if not masked:
+        constexprs["BLOCK_E"] = triton.next_power_of_2(num_experts + 1)
+    return _common.Launch(kernel, pointers, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def grouped_gemm(
@@ -327,7 +376,8 @@ def grouped_gemm(
 
     :param x: float32 | bfloat16 | float16 [M, K], rows grouped by expert, stride 1 along K.
     :param w: x's dtype, [E, N, K], stride 1 along K.
-    :param offsets: int32 | int64 [E + 1], contiguous, on x's device (never read on the host).
+    :param offsets: int32 | int64 [E + 1], contiguous, on x's device (never read on the host); values
+        outside ``[0, M]`` are clamped to it.
     :param out_dtype: ``None`` means x's dtype.
     :param config: ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``; ``None`` means
         :data:`DEFAULT_CONFIG`.
@@ -344,27 +394,9 @@ def grouped_gemm(
     out = _common.empty((m, n), out_dtype or x.dtype, x.device)
     if m == 0 or n == 0:
         return out
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(m, bm) + e, triton.cdiv(n, bn))
-    _grouped_kernel[grid](
-        x,
-        w,
-        offsets,
-        out,
-        m,
-        n,
-        k,
-        e,
-        x.stride(0),
-        w.stride(0),
-        w.stride(1),
-        out.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_E=triton.next_power_of_2(e + 1),
-        **_half_flags(x),
-        **_launch_options(cfg),
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) + e, triton.cdiv(n, cfg["BLOCK_N"]))
+    _launch(op, cfg, x.dtype, out.dtype, offsets.dtype, e)(
+        grid, x, w, offsets, out, m, n, k, e, x.stride(0), w.stride(0), w.stride(1), out.stride(0)
     )
     return out
 
@@ -381,7 +413,8 @@ def grouped_gemm_masked(
 
     :param x: float32 | bfloat16 | float16 [E, max_m, K], stride 1 along K.
     :param w: x's dtype, [E, N, K], stride 1 along K.
-    :param masked_m: int32 | int64 [E], contiguous, on x's device (never read on the host).
+    :param masked_m: int32 | int64 [E], contiguous, on x's device (never read on the host); values
+        outside ``[0, max_m]`` are clamped to it.
     :param out_dtype: ``None`` means x's dtype.
     :param config: as :func:`grouped_gemm`'s.
     :returns: [E, max_m, N], contiguous; rows at and past ``masked_m[e]`` are zero.
@@ -397,28 +430,11 @@ def grouped_gemm_masked(
     out = _common.empty((e, max_m, n), out_dtype or x.dtype, x.device)
     if out.numel() == 0:
         return out
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(max_m, bm), triton.cdiv(n, bn), e)
-    _masked_kernel[grid](
-        x,
-        w,
-        masked_m,
-        out,
-        max_m,
-        n,
-        k,
-        x.stride(0),
-        x.stride(1),
-        w.stride(0),
-        w.stride(1),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg["BLOCK_K"],
-        **_half_flags(x),
-        **_launch_options(cfg),
-    )
+    grid = (triton.cdiv(max_m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), e)
+    _launch(op, cfg, x.dtype, out.dtype, masked_m.dtype, e)(
+        grid, x, w, masked_m, out, max_m, n, k,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+    )  # fmt: skip
     return out
 
 
@@ -439,11 +455,13 @@ def grouped_gemm_fp8(
     :param xs: float32 [M, K / 128], any strides.
     :param wq: xq's fp8 dtype, [E, N, K], stride 1 along K.
     :param ws: float32 [E, ceil(N / 128), K / 128], any strides.
-    :param offsets: int32 | int64 [E + 1], contiguous, on xq's device (never read on the host).
+    :param offsets: int32 | int64 [E + 1], contiguous, on xq's device (never read on the host); values
+        outside ``[0, M]`` are clamped to it.
     :param out_dtype: bfloat16 (default) | float32 | float16.
     :param config: ``BLOCK_M``, ``BLOCK_N`` and ``BLOCK_K`` (both divide 128), ``num_warps``, ``num_stages``;
         ``None`` means :data:`DEFAULT_CONFIG_FP8`.
     :returns: [M, N], contiguous; rows at and past ``offsets[E]`` are zero.
+    :raises OpInputError: (or a subclass) naming the argument: see :func:`hal_kernels.gemm.check_fp8_operands`.
     """
     op = "grouped_gemm_fp8"
     cfg = _common.merge_config(DEFAULT_CONFIG_FP8, config, op)
@@ -451,40 +469,18 @@ def grouped_gemm_fp8(
     _common.require_device(op, {"xq": xq, "xs": xs, "wq": wq, "ws": ws, "offsets": offsets})
     check_unit_stride(op, {"xq": xq, "wq": wq})
     check_contiguous(op, {"offsets": offsets})
+    check_fp8_operands(op, xq, xs, wq, ws, out_dtype, w_dims="[E, N, K]")
     m, k = xq.shape
     e, n, _ = wq.shape
     out = _common.empty((m, n), out_dtype, xq.device)
     if m == 0 or n == 0:
         return out
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(m, bm) + e, triton.cdiv(n, bn))
-    _grouped_fp8_kernel[grid](
-        xq,
-        xs,
-        wq,
-        ws,
-        offsets,
-        out,
-        m,
-        n,
-        k,
-        e,
-        xq.stride(0),
-        xs.stride(0),
-        xs.stride(1),
-        wq.stride(0),
-        wq.stride(1),
-        ws.stride(0),
-        ws.stride(1),
-        ws.stride(2),
-        out.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_E=triton.next_power_of_2(e + 1),
-        SCALE_BLOCK=SCALE_BLOCK,
-        **_launch_options(cfg),
-    )
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) + e, triton.cdiv(n, cfg["BLOCK_N"]))
+    _launch(op, cfg, xq.dtype, out_dtype, offsets.dtype, e)(
+        grid, xq, xs, wq, ws, offsets, out, m, n, k, e,
+        xq.stride(0), xs.stride(0), xs.stride(1), wq.stride(0), wq.stride(1),
+        ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0),
+    )  # fmt: skip
     return out
 
 
@@ -504,10 +500,12 @@ def grouped_gemm_fp8_masked(
     :param xs: float32 [E, max_m, K / 128], any strides.
     :param wq: xq's fp8 dtype, [E, N, K], stride 1 along K.
     :param ws: float32 [E, ceil(N / 128), K / 128], any strides.
-    :param masked_m: int32 | int64 [E], contiguous, on xq's device (never read on the host).
+    :param masked_m: int32 | int64 [E], contiguous, on xq's device (never read on the host); values
+        outside ``[0, max_m]`` are clamped to it.
     :param out_dtype: bfloat16 (default) | float32 | float16.
     :param config: as :func:`grouped_gemm_fp8`'s.
     :returns: [E, max_m, N], contiguous; rows at and past ``masked_m[e]`` are zero.
+    :raises OpInputError: (or a subclass) naming the argument: see :func:`hal_kernels.gemm.check_fp8_operands`.
     """
     op = "grouped_gemm_fp8_masked"
     cfg = _common.merge_config(DEFAULT_CONFIG_FP8, config, op)
@@ -515,41 +513,18 @@ def grouped_gemm_fp8_masked(
     _common.require_device(op, {"xq": xq, "xs": xs, "wq": wq, "ws": ws, "masked_m": masked_m})
     check_unit_stride(op, {"xq": xq, "wq": wq})
     check_contiguous(op, {"masked_m": masked_m})
+    check_fp8_operands(op, xq, xs, wq, ws, out_dtype, x_dims="[E, max_m, K]", w_dims="[E, N, K]")
     e, max_m, k = xq.shape
     n = wq.shape[1]
     out = _common.empty((e, max_m, n), out_dtype, xq.device)
     if out.numel() == 0:
         return out
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    grid = (triton.cdiv(max_m, bm), triton.cdiv(n, bn), e)
-    _masked_fp8_kernel[grid](
-        xq,
-        xs,
-        wq,
-        ws,
-        masked_m,
-        out,
-        max_m,
-        n,
-        k,
-        xq.stride(0),
-        xq.stride(1),
-        xs.stride(0),
-        xs.stride(1),
-        xs.stride(2),
-        wq.stride(0),
-        wq.stride(1),
-        ws.stride(0),
-        ws.stride(1),
-        ws.stride(2),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=cfg["BLOCK_K"],
-        SCALE_BLOCK=SCALE_BLOCK,
-        **_launch_options(cfg),
-    )
+    grid = (triton.cdiv(max_m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), e)
+    _launch(op, cfg, xq.dtype, out_dtype, masked_m.dtype, e)(
+        grid, xq, xs, wq, ws, masked_m, out, max_m, n, k,
+        xq.stride(0), xq.stride(1), xs.stride(0), xs.stride(1), xs.stride(2),
+        wq.stride(0), wq.stride(1), ws.stride(0), ws.stride(1), ws.stride(2), out.stride(0), out.stride(1),
+    )  # fmt: skip
     return out
 
 
@@ -567,68 +542,33 @@ REFERENCE = {op: f"hal_cpu.reference.gemm:{op}" for op in OPS}
 # ---------------------------------------------------------------------------------------------------
 
 
-def _signature(kernel: triton.JITFunction, types: Mapping[str, str]) -> dict[str, str]:
-    """Every argument of ``kernel``: pointers and constexprs from ``types``, the rest i32 (sizes, strides)."""
-    return {name: types.get(name, "i32") for name in kernel.arg_names}
-
-
-#: Compiled for DeepSeek-V3's 256 routed experts plus the padding segment, rounded up to a power of two.
-_SPEC_BLOCK_E = triton.next_power_of_2(256 + 1)
+#: Compiled for DeepSeek-V3's 256 routed experts (plus the padding segment in the contiguous layouts).
+_SPEC_EXPERTS = 256
 
 
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_common.CompileSpec]:
-    """Each layout for bf16 activations into bf16 (the model's), and FP8 with int32 offsets into bf16."""
+    """Each op as the model launches it: int64 offsets / masked_m (``moe_permute``'s offsets, the absorbed
+    decode's row counts), bf16 activations (FP8: ``fp8``'s format into bf16); and the variants the
+    launchers take besides: int32 indices, fp16 in and out."""
     specs = []
-    half_blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-    for op, kernel, index in (
-        ("grouped_gemm", _grouped_kernel, "offsets_ptr"),
-        ("grouped_gemm_masked", _masked_kernel, "masked_m_ptr"),
+    for op, defaults, index in (
+        ("grouped_gemm", DEFAULT_CONFIG, "offsets"),
+        ("grouped_gemm_masked", DEFAULT_CONFIG, "masked_m"),
+        ("grouped_gemm_fp8", DEFAULT_CONFIG_FP8, "offsets"),
+        ("grouped_gemm_fp8_masked", DEFAULT_CONFIG_FP8, "masked_m"),
     ):
-        cfg = _common.merge_config(DEFAULT_CONFIG, tuning.get(op), op)
-        constexprs: dict[str, object] = {b: cfg[b] for b in half_blocks}
-        constexprs.update(UPCAST=False, IEEE=False)
-        if kernel is _grouped_kernel:
-            constexprs["BLOCK_E"] = _SPEC_BLOCK_E
-        types = {"x_ptr": "*bf16", "w_ptr": "*bf16", index: "*i32", "out_ptr": "*bf16"}
-        types.update(dict.fromkeys(constexprs, "constexpr"))
-        specs.append(
-            _common.CompileSpec(
-                name=f"{op}[bf16]",
-                kernel=kernel,
-                signature=_signature(kernel, types),
-                constexprs=constexprs,
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-                divisible_by_16=tuple(a for a in DIVISIBLE_BY_16 if a in kernel.arg_names),
-            )
-        )
-    for op, kernel, index in (
-        ("grouped_gemm_fp8", _grouped_fp8_kernel, "offsets_ptr"),
-        ("grouped_gemm_fp8_masked", _masked_fp8_kernel, "masked_m_ptr"),
-    ):
-        cfg = _common.merge_config(DEFAULT_CONFIG_FP8, tuning.get(op), op)
-        constexprs = {b: cfg[b] for b in half_blocks}
-        constexprs["SCALE_BLOCK"] = SCALE_BLOCK
-        if kernel is _grouped_fp8_kernel:
-            constexprs["BLOCK_E"] = _SPEC_BLOCK_E
-        types = {
-            "x_ptr": fp8,
-            "xs_ptr": "*fp32",
-            "w_ptr": fp8,
-            "ws_ptr": "*fp32",
-            index: "*i32",
-            "out_ptr": "*bf16",
-        }
-        types.update(dict.fromkeys(constexprs, "constexpr"))
-        specs.append(
-            _common.CompileSpec(
-                name=f"{op}[bf16 out]",
-                kernel=kernel,
-                signature=_signature(kernel, types),
-                constexprs=constexprs,
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-                divisible_by_16=tuple(a for a in DIVISIBLE_BY_16 if a in kernel.arg_names),
-            )
-        )
+        cfg = _common.merge_config(defaults, tuning.get(op), op)
+        fp8_op = "fp8" in op
+        x16 = _common.fp8_dtype(fp8) if fp8_op else torch.float16
+        xbf = _common.fp8_dtype(fp8) if fp8_op else torch.bfloat16
+        variants = [  # (x dtype, out dtype, index dtype)
+            (xbf, torch.bfloat16, torch.int64),
+            (xbf, torch.bfloat16, torch.int32),
+            (x16, torch.float16, torch.int64),
+        ]
+        for x_dtype, out_dtype, index_dtype in variants:
+            x_name = "" if fp8_op else f"{_common.ptr(x_dtype)[1:]}, "
+            name = f"{op}[{x_name}{_common.ptr(out_dtype)[1:]} out, {_common.ptr(index_dtype)[1:]} {index}]"
+            launch = _launch(op, cfg, x_dtype, out_dtype, index_dtype, _SPEC_EXPERTS)
+            specs.append(launch.spec(name, DIVISIBLE_BY_16))
     return specs

@@ -15,7 +15,7 @@ Two kernels:
   sequence without a host synchronization) and writes a partial: the chunk's normalized output and
   its log2-sum-exp. With ``num_splits == 1`` it writes ``out`` and ``lse`` directly and the combine
   kernel is not launched.
-- ``_mla_decode_combine_kernel``, grid ``(b, s_q * h)``: merges the partials of one row by their
+- ``_mla_decode_combine_kernel``, grid ``(s_q * h, b)``: merges the partials of one row by their
   log-sum-exp, ``out = sum_k 2^(lse_k - m) o_k / sum_k 2^(lse_k - m)``.
 
 A row that sees no key (an empty sequence, or a causal query before the cache's start) gets a zero
@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import triton
@@ -36,15 +35,18 @@ import triton.language as tl
 from hal.errors import DTypeError, LayoutError, OpInputError
 from hal_kernels import _common
 
-__all__ = ["DEFAULT_CONFIG", "OPS", "REFERENCE", "compile_specs", "mla_decode"]
+__all__ = ["DEFAULTS", "DEFAULT_CONFIG", "OPS", "REFERENCE", "compile_specs", "mla_decode"]
 
 _OP = "mla_decode"
 
-#: Defaults for H100: 16 query rows x 32 keys (vLLM's Triton MLA decode tile). With 576/512 dims, 8
-#: warps compile for sm_90 without spills (254 registers) where 4 warps spill; on gfx942 it is the
-#: other way round (8 warps spill a few VGPRs, 4 do not), a choice for the ROCm tuning file.
+#: Defaults for H100: 16 query rows x 32 keys (vLLM's Triton MLA decode tile), 8 warps, 2 stages; the
+#: backends' tuning files override them per architecture. What a config compiles to (registers, shared
+#: memory, spills) is what ``hal compile-check --target <arch>`` reports; the last recorded run is
+#: bench/results/compile-check.json.
 #: ``num_splits`` 0 means: chosen from the batch, the row tiles and the device's SM count.
 DEFAULT_CONFIG: dict[str, int] = {"BLOCK_H": 16, "BLOCK_N": 32, "num_splits": 0, "num_warps": 8, "num_stages": 2}
+#: op → its default config (what a tuning file's keys are checked against).
+DEFAULTS: Mapping[str, Mapping[str, int]] = {_OP: DEFAULT_CONFIG}
 
 
 def _block_n(cfg: Mapping[str, int], dtype: torch.dtype) -> int:
@@ -208,9 +210,10 @@ def _mla_decode_combine_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """One row (sequence, query, head): merge its ``num_splits`` partials by their log2-sum-exp."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1)
+    """One row (query, head) of one sequence: merge its ``num_splits`` partials by their log2-sum-exp.
+    The rows are grid axis 0, which may be large (a CUDA grid's axes 1 and 2 stop at 65535)."""
+    row = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
     qi = (row // h).to(tl.int64)
     head = (row % h).to(tl.int64)
     ks = tl.arange(0, BLOCK_S)
@@ -275,6 +278,72 @@ def _num_splits(cfg: Mapping[str, int], q: torch.Tensor, row_tiles: int, capacit
     return max(1, min(want, _MAX_SPLITS, triton.cdiv(capacity, _MIN_KEYS_PER_SPLIT)))
 
 
+def _split_launch(
+    cfg: Mapping[str, int],
+    dtype: torch.dtype,
+    table_dtype: torch.dtype,
+    seqlens_dtype: torch.dtype,
+    *,
+    page: int,
+    d_v: int,
+    d_rest: int,
+    causal: bool,
+    final: bool,
+) -> _common.Launch:
+    """The split kernel's launch (the launcher's, and the compile specs'): ``final`` writes ``out``
+    (q's dtype) and ``lse`` directly, otherwise the fp32 partials."""
+    t = _common.ptr(dtype)
+    return _common.Launch(
+        _mla_decode_split_kernel,
+        pointers={
+            "q_ptr": t,
+            "kv_ptr": t,
+            "block_table_ptr": _common.ptr(table_dtype),
+            "seqlens_ptr": _common.ptr(seqlens_dtype),
+            "o_ptr": t if final else "*fp32",
+            "lse_ptr": "*fp32",
+        },
+        constexprs={
+            "PAGE": page,
+            "BLOCK_H": cfg["BLOCK_H"],
+            "BLOCK_N": _block_n(cfg, dtype),
+            "BLOCK_DV": _pow2(d_v),
+            "BLOCK_DR": _pow2(d_rest),
+            "HAS_REST": d_rest > 0,
+            "CAUSAL": bool(causal),
+            "FINAL": final,
+            "UPCAST": _common.INTERPRETING,
+            # input_precision matters only for fp32 operands, where 'ieee' keeps the 1e-5 bound; it is
+            # also the one value every target accepts (gfx950 rejects tf32).
+            "PREC": "ieee",
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        scalars={"scale_log2": "fp32"},
+    )
+
+
+#: The combine kernel's launch options: one row of ``d_v`` values per program, nothing to pipeline.
+_COMBINE_WARPS = 4
+_COMBINE_STAGES = 1
+
+
+def _combine_launch(out_dtype: torch.dtype, splits: int, d_v: int) -> _common.Launch:
+    """The combine kernel's launch (the launcher's, and the compile specs')."""
+    return _common.Launch(
+        _mla_decode_combine_kernel,
+        pointers={
+            "o_part_ptr": "*fp32",
+            "lse_part_ptr": "*fp32",
+            "out_ptr": _common.ptr(out_dtype),
+            "lse_ptr": "*fp32",
+        },
+        constexprs={"BLOCK_S": max(2, triton.next_power_of_2(splits)), "BLOCK_DV": _pow2(d_v)},
+        num_warps=_COMBINE_WARPS,
+        num_stages=_COMBINE_STAGES,
+    )
+
+
 def mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -328,29 +397,15 @@ def mla_decode(
     row_tiles = triton.cdiv(rows, cfg["BLOCK_H"])
     splits = _num_splits(cfg, q, row_tiles, block_table.shape[1] * page)
     d_rest = d - head_dim_v
-    common: dict[str, Any] = {
-        "PAGE": page,
-        "BLOCK_H": cfg["BLOCK_H"],
-        "BLOCK_N": _block_n(cfg, q.dtype),
-        "BLOCK_DV": _pow2(head_dim_v),
-        "BLOCK_DR": _pow2(d_rest),
-        "HAS_REST": d_rest > 0,
-        "CAUSAL": bool(causal),
-        "UPCAST": _common.INTERPRETING,
-        # input_precision matters only for fp32 operands, where 'ieee' keeps the 1e-5 bound; it is also
-        # the one value every target accepts (gfx950 rejects tf32).
-        "PREC": "ieee",
-        "num_warps": cfg["num_warps"],
-        "num_stages": cfg["num_stages"],
-    }
+    pointers = (q.dtype, block_table.dtype, cache_seqlens.dtype)
     args = (q, kv_cache, block_table, cache_seqlens)
     sizes = (s_q, h, head_dim_v, d_rest, splits, scale * _LOG2E)
     strides = (q.stride(0), q.stride(1), q.stride(2), kv_cache.stride(0), kv_cache.stride(1), *block_table.stride())
     if splits == 1:
-        _mla_decode_split_kernel[(b, row_tiles, 1)](
-            *args, out, lse, *sizes, *strides,
+        launch = _split_launch(cfg, *pointers, page=page, d_v=head_dim_v, d_rest=d_rest, causal=causal, final=True)
+        launch(
+            (b, row_tiles, 1), *args, out, lse, *sizes, *strides,
             *out.stride()[:3], 0, lse.stride(0), lse.stride(2), lse.stride(1), 0,
-            FINAL=True, **common,
         )  # fmt: skip
         return out, lse
 
@@ -359,17 +414,16 @@ def mla_decode(
     o_part = _common.empty((b, rows, splits, head_dim_v), torch.float32, q.device)
     lse_part = _common.empty((b, rows, splits), torch.float32, q.device)
     p_row, l_row = o_part.stride(1), lse_part.stride(1)
-    _mla_decode_split_kernel[(b, row_tiles, splits)](
-        *args, o_part, lse_part, *sizes, *strides,
+    launch = _split_launch(cfg, *pointers, page=page, d_v=head_dim_v, d_rest=d_rest, causal=causal, final=False)
+    launch(
+        (b, row_tiles, splits), *args, o_part, lse_part, *sizes, *strides,
         o_part.stride(0), h * p_row, p_row, o_part.stride(2),
         lse_part.stride(0), h * l_row, l_row, lse_part.stride(2),
-        FINAL=False, **common,
     )  # fmt: skip
-    _mla_decode_combine_kernel[(b, rows)](
-        o_part, lse_part, out, lse, h, head_dim_v, splits,
+    _combine_launch(q.dtype, splits, head_dim_v)(
+        (rows, b), o_part, lse_part, out, lse, h, head_dim_v, splits,
         o_part.stride(0), p_row, o_part.stride(2), lse_part.stride(0), l_row,
         *out.stride()[:3], lse.stride(0), lse.stride(2), lse.stride(1),
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=_pow2(head_dim_v), num_warps=4,
     )  # fmt: skip
     return out, lse
 
@@ -382,11 +436,6 @@ REFERENCE = {"mla_decode": "hal_cpu.reference.attention:mla_decode"}
 # Compile specs
 # ---------------------------------------------------------------------------------------------------
 
-_SPLIT_INTS = (
-    "s_q h d_v d_rest num_splits".split()
-    + "stride_qb stride_qs stride_qh stride_kvb stride_kvt stride_btb stride_btn".split()
-    + "stride_ob stride_os stride_oh stride_ok stride_lb stride_ls stride_lh stride_lk".split()
-)
 #: What Triton's JIT sees as multiples of 16 at a DeepSeek-V3 launch (h 128, d 576 = 512 + 64): pointers,
 #: the value and rest dims, and the row strides of q, the cache and the outputs; not s_q, the block
 #: table's width or the split count (any value), nor the lse strides that depend on them.
@@ -397,15 +446,15 @@ _SPLIT_DIVISIBLE = (
 _COMBINE_DIVISIBLE = (
     "o_part_ptr lse_part_ptr out_ptr lse_ptr h d_v stride_pb stride_pr stride_pk stride_ob stride_os stride_oh".split()
 )
-_COMBINE_INTS = (
-    "h d_v num_splits stride_pb stride_pr stride_pk stride_lpb stride_lpr".split()
-    + "stride_ob stride_os stride_oh stride_lb stride_ls stride_lh".split()
-)
+
+#: DeepSeek-V3's cache: 64-token pages of 576 values, the first 512 the value.
+_SPEC_SHAPE = {"page": 64, "d_v": 512, "d_rest": 64}
 
 
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_common.CompileSpec]:
-    """DeepSeek-V3 shapes (576 = 512 + 64, page 64) for bf16, fp16 and fp32; the split kernel both
-    as the partial pass and as the single-split final pass, and the combine kernel.
+    """DeepSeek-V3 shapes (576 = 512 + 64, page 64, int32 block table and lengths) for bf16, fp16 and fp32:
+    the split kernel both as the partial pass and as the single-split final pass, non-causal (the model's
+    decode) and, for bf16, causal; and the combine kernel (up to 64 splits).
 
     :param fp8: the target's fp8 pointer type (unused: no fp8 path).
     :param tuning: op name → config; ``mla_decode``'s overrides :data:`DEFAULT_CONFIG`.
@@ -414,50 +463,13 @@ def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_co
     cfg = _common.merge_config(DEFAULT_CONFIG, tuning.get(_OP), _OP)
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        t = _TL_DTYPE[dtype]
-        for final in (False, True):
-            out_t = t if final else "fp32"
-            sig = {"q_ptr": f"*{t}", "kv_ptr": f"*{t}", "block_table_ptr": "*i32", "seqlens_ptr": "*i32"}
-            sig |= {"o_ptr": f"*{out_t}", "lse_ptr": "*fp32"}
-            sig |= {name: "i32" for name in _SPLIT_INTS[:5]}
-            sig["scale_log2"] = "fp32"
-            sig |= {name: "i32" for name in _SPLIT_INTS[5:]}
-            constexprs: dict[str, Any] = {
-                "PAGE": 64,
-                "BLOCK_H": cfg["BLOCK_H"],
-                "BLOCK_N": _block_n(cfg, dtype),
-                "BLOCK_DV": 512,
-                "BLOCK_DR": 64,
-                "HAS_REST": True,
-                "CAUSAL": False,
-                "FINAL": final,
-                "UPCAST": False,
-                "PREC": "ieee",
-            }
-            sig |= {name: "constexpr" for name in constexprs}
-            specs.append(
-                _common.CompileSpec(
-                    name=f"mla_decode_split[{t}{', final' if final else ''}]",
-                    kernel=_mla_decode_split_kernel,
-                    signature=sig,
-                    constexprs=constexprs,
-                    num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"],
-                    divisible_by_16=tuple(_SPLIT_DIVISIBLE) + (("stride_ok",) if not final else ()),
-                )
-            )
-        sig = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "out_ptr": f"*{t}", "lse_ptr": "*fp32"}
-        sig |= {name: "i32" for name in _COMBINE_INTS}
-        sig |= {"BLOCK_S": "constexpr", "BLOCK_DV": "constexpr"}
-        specs.append(
-            _common.CompileSpec(
-                name=f"mla_decode_combine[{t}]",
-                kernel=_mla_decode_combine_kernel,
-                signature=sig,
-                constexprs={"BLOCK_S": 64, "BLOCK_DV": 512},
-                num_warps=4,
-                num_stages=1,
-                divisible_by_16=tuple(_COMBINE_DIVISIBLE),
-            )
-        )
+        t = _common.ptr(dtype)[1:]
+        for causal in (False, True) if dtype == torch.bfloat16 else (False,):
+            for final in (False, True):
+                launch = _split_launch(cfg, dtype, torch.int32, torch.int32, **_SPEC_SHAPE, causal=causal, final=final)
+                flags = (", causal" if causal else "") + (", final" if final else "")
+                divisible = (*_SPLIT_DIVISIBLE, *(() if final else ("stride_ok",)))
+                specs.append(launch.spec(f"mla_decode_split[{t}{flags}]", divisible))
+        combine = _combine_launch(dtype, _MAX_SPLITS, _SPEC_SHAPE["d_v"])
+        specs.append(combine.spec(f"mla_decode_combine[{t}]", tuple(_COMBINE_DIVISIBLE)))
     return specs

@@ -5,11 +5,12 @@
   such as DeepSeek-V2's 20 work), scores them (sigmoid or softmax, fp32), adds the correction bias,
   keeps the best ``topk_group`` groups and picks the ``top_k`` experts by repeated arg-max. Ties go to
   the lowest group / expert index (the contract leaves them open; ``torch.topk`` on the CPU breaks them
-  in no documented order).
+  in no documented order). A NaN score counts as -inf, so every id is a valid expert whatever the logits.
 - ``moe_permute``: a counting sort, stable by construction. One program per expert scans the flat ids
   ``t * top_k + j`` in order and records each copy's rank among its expert's copies and the expert's
   count; a device-side cumsum of the counts gives the offsets; a second kernel writes each copy's row
-  and flat index to ``offsets[expert] + rank``. No host synchronization.
+  and flat index to ``offsets[expert] + rank``. No host synchronization. An id outside ``[0, E)`` never
+  indexes anything: one more program counts those copies, and they go after the experts' rows.
 - ``moe_unpermute``: the inverse of ``order`` is built by a scatter kernel, then one program per block
   of tokens and columns gathers each token's ``top_k`` rows in ``j`` order and accumulates their
   weighted sum in fp32 (deterministic; no atomics).
@@ -98,7 +99,9 @@ def _moe_route_kernel(
         choice = scores + bias[None, :, :]
     else:
         choice = scores
-    choice = tl.where(valid[None, :, :], choice, neg_inf)
+    # A NaN score (a NaN logit, or a softmax over an infinite one) is never chosen over a number: it
+    # counts as -inf, so a row of NaN still gets top_k distinct experts (and NaN weights).
+    choice = tl.where(valid[None, :, :] & (choice == choice), choice, neg_inf)
     avail = valid[None, :, :] & (tok >= 0)[:, None, None]  # [BT, BG, BS] experts still choosable
 
     if GROUPED:
@@ -129,6 +132,8 @@ def _moe_route_kernel(
         best = tl.max(tl.max(tl.where(avail, choice, neg_inf), axis=2), axis=1)  # [BT]
         hit = avail & (choice == best[:, None, None])
         ei = tl.min(tl.min(tl.where(hit, expert[None, :, :], 1 << 30), axis=2), axis=1)  # [BT]
+        # Nothing left to choose (top_k > topk_group * group_size) must still give an id < E.
+        ei = tl.minimum(ei, n_group * group_size - 1)
         sel = expert[None, :, :] == ei[:, None, None]
         w = tl.sum(tl.sum(tl.where(sel, scores, 0.0), axis=2), axis=1)  # the unbiased score
         avail = avail & ~sel
@@ -150,10 +155,12 @@ def _moe_count_kernel(
     rank_ptr,
     counts_ptr,
     N,
+    E,
     BLOCK_N: tl.constexpr,
 ):
-    # Program e scans every flat id in order: a copy's rank among expert e's copies is the number of
-    # earlier copies of e, which makes the resulting sort stable.
+    # Program e < E scans every flat id in order: a copy's rank among expert e's copies is the number
+    # of earlier copies of e, which makes the resulting sort stable. Program E does the same for the
+    # copies whose id is not in [0, E): they are placed after every expert's rows (the padding).
     e = tl.program_id(0)
     offs = tl.arange(0, BLOCK_N)
     seen = tl.zeros((), dtype=tl.int32)
@@ -161,7 +168,7 @@ def _moe_count_kernel(
         idx = start + offs
         ok = idx < N
         ids = tl.load(ids_ptr + idx, mask=ok, other=-1)
-        hit = (ids == e) & ok
+        hit = tl.where(e == E, (ids < 0) | (ids >= E), ids == e) & ok
         hit_i = hit.to(tl.int32)
         before = tl.cumsum(hit_i, axis=0) - hit_i  # exclusive prefix within the block
         tl.store(rank_ptr + idx, seen + before, mask=hit)
@@ -179,6 +186,7 @@ def _moe_scatter_kernel(
     order_ptr,
     N,
     H,
+    E,
     top_k,
     stride_x,
     BLOCK_R: tl.constexpr,
@@ -190,7 +198,10 @@ def _moe_scatter_kernel(
     ok = flat < N
     ids = tl.load(ids_ptr + flat, mask=ok, other=0)
     rank = tl.load(rank_ptr + flat, mask=ok, other=0)
-    dst = tl.load(offsets_ptr + ids, mask=ok, other=0) + rank  # [BR] int64
+    # An id outside [0, E) never indexes offsets: its copy goes to the padding, from offsets[E] on,
+    # ranked by the count kernel's program E.
+    segment = tl.where((ids >= 0) & (ids < E), ids, E)
+    dst = tl.load(offsets_ptr + segment, mask=ok, other=0) + rank  # [BR] int64
     if pid_h == 0:
         tl.store(order_ptr + dst, flat.to(tl.int64), mask=ok)
     tok = (flat // top_k).to(tl.int64)
@@ -246,6 +257,43 @@ def _row_major(op: str, name: str, t: torch.Tensor) -> None:
         raise OpInputError(op, name, f"needs unit stride in its last dim, got strides {list(t.stride())}")
 
 
+def _route_launch(
+    cfg: Mapping[str, int],
+    logits_dtype: torch.dtype,
+    bias_dtype: torch.dtype | None,
+    *,
+    scoring_func: str,
+    n_group: int,
+    group_size: int,
+    top_k: int,
+    norm: bool,
+) -> _common.Launch:
+    """The routing kernel's launch (the launcher's, and the compile specs'); without a bias the
+    (unread) bias pointer is the fp32 weights output."""
+    return _common.Launch(
+        _moe_route_kernel,
+        pointers={
+            "logits_ptr": _common.ptr(logits_dtype),
+            "bias_ptr": _common.ptr(bias_dtype or torch.float32),
+            "weights_ptr": "*fp32",
+            "ids_ptr": "*i64",
+        },
+        constexprs={
+            "HAS_BIAS": bias_dtype is not None,
+            "SOFTMAX": scoring_func == "softmax",
+            "GROUPED": n_group > 1,
+            "NORM": bool(norm),
+            "BLOCK_T": cfg["BLOCK_T"],
+            "BLOCK_G": triton.next_power_of_2(n_group),
+            "BLOCK_S": triton.next_power_of_2(group_size),
+            "BLOCK_K": triton.next_power_of_2(top_k),
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        scalars={"scaling": "fp32"},
+    )
+
+
 def moe_route(
     router_logits: torch.Tensor,
     correction_bias: torch.Tensor | None,
@@ -282,10 +330,20 @@ def moe_route(
     if t == 0:
         return RouteResult(weights, ids)
     group_size = e // n_group
-    grid = (triton.cdiv(t, cfg["BLOCK_T"]),)
-    _moe_route_kernel[grid](
+    launch = _route_launch(
+        cfg,
+        router_logits.dtype,
+        None if correction_bias is None else correction_bias.dtype,
+        scoring_func=scoring_func,
+        n_group=n_group,
+        group_size=group_size,
+        top_k=top_k,
+        norm=norm_topk_prob,
+    )
+    launch(
+        (triton.cdiv(t, cfg["BLOCK_T"]),),
         router_logits,
-        correction_bias if correction_bias is not None else router_logits,  # unread without a bias
+        correction_bias if correction_bias is not None else weights,  # unread without a bias
         weights,
         ids,
         t,
@@ -295,16 +353,6 @@ def moe_route(
         topk_group,
         top_k,
         float(routed_scaling_factor),
-        HAS_BIAS=correction_bias is not None,
-        SOFTMAX=scoring_func == "softmax",
-        GROUPED=n_group > 1,
-        NORM=bool(norm_topk_prob),
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_G=triton.next_power_of_2(n_group),
-        BLOCK_S=triton.next_power_of_2(group_size),
-        BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
     )
     return RouteResult(weights, ids)
 
@@ -312,6 +360,36 @@ def moe_route(
 def _bytes_view(x: torch.Tensor) -> torch.Tensor:
     # fp8 rows are copied as bytes: every target loads and stores u8, whatever its fp8 flavour.
     return x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x
+
+
+def _count_launch(cfg: Mapping[str, int], ids_dtype: torch.dtype) -> _common.Launch:
+    """``moe_permute``'s count kernel (the launcher's, and the compile specs')."""
+    return _common.Launch(
+        _moe_count_kernel,
+        pointers={"ids_ptr": _common.ptr(ids_dtype), "rank_ptr": "*i32", "counts_ptr": "*i64"},
+        constexprs={"BLOCK_N": cfg["BLOCK_N"]},
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+def _scatter_launch(cfg: Mapping[str, int], row_dtype: torch.dtype, ids_dtype: torch.dtype) -> _common.Launch:
+    """``moe_permute``'s scatter kernel for rows of ``row_dtype`` (fp8 rows come as bytes)."""
+    row = _common.ptr(row_dtype)
+    return _common.Launch(
+        _moe_scatter_kernel,
+        pointers={
+            "x_ptr": row,
+            "ids_ptr": _common.ptr(ids_dtype),
+            "rank_ptr": "*i32",
+            "offsets_ptr": "*i64",
+            "out_ptr": row,
+            "order_ptr": "*i64",
+        },
+        constexprs={"BLOCK_R": cfg["BLOCK_R"], "BLOCK_H": cfg["BLOCK_H"]},
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def moe_permute(
@@ -324,7 +402,9 @@ def moe_permute(
     """Stable counting sort of token copies by expert (contract: :func:`hal.ops.catalogue.moe_permute`).
 
     :param x: any float or fp8 dtype [T, H], unit stride in H.
-    :param topk_ids: int32 | int64 [T, top_k].
+    :param topk_ids: int32 | int64 [T, top_k], values in ``[0, E)``; a copy with an id outside it is not
+        any expert's: it goes after every expert's rows (rows ``offsets[E]:``, the padding
+        ``grouped_gemm`` writes as zeros), in flat-index order, so ``order`` stays a permutation.
     :param num_experts: E.
     :param config: ``BLOCK_N``, ``BLOCK_R``, ``BLOCK_H``, ``num_warps``, ``num_stages``.
     :returns: ``Permutation(x [T * top_k, H], offsets int64 [E + 1], order int64 [T * top_k])``.
@@ -342,30 +422,46 @@ def moe_permute(
     offsets = _common.empty((num_experts + 1,), torch.int64, device)
     order = _common.empty((n,), torch.int64, device)
     rank = torch.empty((n,), dtype=torch.int32, device=device)
-    counts = torch.empty((num_experts,), dtype=torch.int64, device=device)
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    _moe_count_kernel[(num_experts,)](ids, rank, counts, n, BLOCK_N=cfg["BLOCK_N"], **opts)
+    counts = torch.empty((num_experts + 1,), dtype=torch.int64, device=device)  # the last: ids out of range
+    _count_launch(cfg, ids.dtype)((num_experts + 1,), ids, rank, counts, n, num_experts)
     # The prefix sum over E counts is tiny: torch's cumsum, on the device, no host synchronization.
     offsets[:1].zero_()
-    torch.cumsum(counts, 0, out=offsets[1:])
+    torch.cumsum(counts[:num_experts], 0, out=offsets[1:])
     if n:
+        rows, rows_sorted = _bytes_view(x), _bytes_view(x_sorted)
         grid = (triton.cdiv(n, cfg["BLOCK_R"]), max(1, triton.cdiv(h, cfg["BLOCK_H"])))
-        _moe_scatter_kernel[grid](
-            _bytes_view(x),
-            ids,
-            rank,
-            offsets,
-            _bytes_view(x_sorted),
-            order,
-            n,
-            h,
-            top_k,
-            x.stride(0),
-            BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_H=cfg["BLOCK_H"],
-            **opts,
+        _scatter_launch(cfg, rows.dtype, ids.dtype)(
+            grid, rows, ids, rank, offsets, rows_sorted, order, n, h, num_experts, top_k, x.stride(0)
         )
     return Permutation(x_sorted, offsets, order)
+
+
+#: rows of ``order`` per program of the invert kernel.
+_INVERT_BLOCK = 1024
+
+
+def _invert_launch(cfg: Mapping[str, int], order_dtype: torch.dtype) -> _common.Launch:
+    """``moe_unpermute``'s inverse-permutation kernel (``inv`` has ``order``'s dtype)."""
+    index = _common.ptr(order_dtype)
+    return _common.Launch(
+        _invert_kernel,
+        pointers={"order_ptr": index, "inv_ptr": index},
+        constexprs={"BLOCK": _INVERT_BLOCK},
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+def _unpermute_launch(cfg: Mapping[str, int], y_dtype: torch.dtype, inv_dtype: torch.dtype) -> _common.Launch:
+    """``moe_unpermute``'s gather kernel (the launcher's, and the compile specs')."""
+    y = _common.ptr(y_dtype)
+    return _common.Launch(
+        _moe_unpermute_kernel,
+        pointers={"y_ptr": y, "inv_ptr": _common.ptr(inv_dtype), "w_ptr": "*fp32", "out_ptr": y},
+        constexprs={"BLOCK_T": cfg["BLOCK_T"], "BLOCK_N": cfg["BLOCK_N"]},
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def moe_unpermute(
@@ -399,23 +495,9 @@ def moe_unpermute(
     order = order.contiguous()
     weights = topk_weights.contiguous()
     inv = torch.empty((rows,), dtype=order.dtype, device=device)
-    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    block = 1024
-    _invert_kernel[(triton.cdiv(rows, block),)](order, inv, rows, BLOCK=block, **opts)
+    _invert_launch(cfg, order.dtype)((triton.cdiv(rows, _INVERT_BLOCK),), order, inv, rows)
     grid = (triton.cdiv(t, cfg["BLOCK_T"]), triton.cdiv(ncols, cfg["BLOCK_N"]))
-    _moe_unpermute_kernel[grid](
-        y,
-        inv,
-        weights,
-        out,
-        t,
-        ncols,
-        top_k,
-        y.stride(0),
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_N=cfg["BLOCK_N"],
-        **opts,
-    )
+    _unpermute_launch(cfg, y.dtype, inv.dtype)(grid, y, inv, weights, out, t, ncols, top_k, y.stride(0))
     return out
 
 
@@ -432,12 +514,19 @@ REFERENCE = {
 # Compile specs
 # ===================================================================================================
 
-_PTR = {"fp32": "*fp32", "bf16": "*bf16"}
+#: DeepSeek routers compiled: (name, E, n_group, top_k, scoring, bias, norm).
+_ROUTERS = (
+    ("sigmoid, bias, 8 groups", 256, 8, 8, "sigmoid", True, True),  # V3
+    ("softmax, 8 groups of 20", 160, 8, 6, "softmax", False, False),  # V2
+    ("softmax, no groups", 64, 1, 6, "softmax", False, False),  # V2-Lite (greedy)
+)
 
 
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[CompileSpec]:
-    """What ``hal compile-check`` compiles: every kernel at DeepSeek-V3's shapes (E = 256, 8 groups,
-    top-8), for bf16 and fp32 activations; fp8 rows are permuted as bytes, so ``fp8`` is not needed.
+    """What ``hal compile-check`` compiles: every kernel as the model launches it (fp32 router logits,
+    int64 ids and order, bf16 rows; DeepSeek-V3's, V2's and V2-Lite's routers), and the dtypes the
+    launchers take besides (bf16 and fp16 logits and rows, int32 ids and order). fp8 rows are permuted
+    as bytes, so ``fp8`` is not needed.
 
     :param fp8: the target's Triton fp8 pointer type (unused).
     :param tuning: op name → config; a missing op uses :data:`DEFAULTS`.
@@ -446,149 +535,26 @@ def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[Com
     route = _common.merge_config(DEFAULTS["moe_route"], tuning.get("moe_route"), "moe_route")
     perm = _common.merge_config(DEFAULTS["moe_permute"], tuning.get("moe_permute"), "moe_permute")
     unperm = _common.merge_config(DEFAULTS["moe_unpermute"], tuning.get("moe_unpermute"), "moe_unpermute")
+    f32, bf16, f16, i32, i64 = torch.float32, torch.bfloat16, torch.float16, torch.int32, torch.int64
+
+    def name(dtype: torch.dtype) -> str:
+        return _common.ptr(dtype)[1:]
+
     specs: list[CompileSpec] = []
-    for name, ptr in _PTR.items():
-        specs.append(
-            CompileSpec(
-                f"moe_route[{name} logits, sigmoid, bias, 8 groups]",
-                _moe_route_kernel,
-                {
-                    "logits_ptr": ptr,
-                    "bias_ptr": "*fp32",
-                    "weights_ptr": "*fp32",
-                    "ids_ptr": "*i64",
-                    "T": "i32",
-                    "stride_t": "i32",
-                    "group_size": "i32",
-                    "n_group": "i32",
-                    "topk_group": "i32",
-                    "top_k": "i32",
-                    "scaling": "fp32",
-                    "HAS_BIAS": "constexpr",
-                    "SOFTMAX": "constexpr",
-                    "GROUPED": "constexpr",
-                    "NORM": "constexpr",
-                    "BLOCK_T": "constexpr",
-                    "BLOCK_G": "constexpr",
-                    "BLOCK_S": "constexpr",
-                    "BLOCK_K": "constexpr",
-                },
-                {
-                    "HAS_BIAS": True,
-                    "SOFTMAX": False,
-                    "GROUPED": True,
-                    "NORM": True,
-                    "BLOCK_T": route["BLOCK_T"],
-                    "BLOCK_G": 8,
-                    "BLOCK_S": 32,
-                    "BLOCK_K": 8,
-                },
-                route["num_warps"],
-                route["num_stages"],
-            )
-        )
-    specs.append(
-        CompileSpec(
-            "moe_route[fp32 logits, softmax, 8 groups of 20]",
-            _moe_route_kernel,
-            {
-                "logits_ptr": "*fp32",
-                "bias_ptr": "*fp32",
-                "weights_ptr": "*fp32",
-                "ids_ptr": "*i64",
-                "T": "i32",
-                "stride_t": "i32",
-                "group_size": "i32",
-                "n_group": "i32",
-                "topk_group": "i32",
-                "top_k": "i32",
-                "scaling": "fp32",
-                "HAS_BIAS": "constexpr",
-                "SOFTMAX": "constexpr",
-                "GROUPED": "constexpr",
-                "NORM": "constexpr",
-                "BLOCK_T": "constexpr",
-                "BLOCK_G": "constexpr",
-                "BLOCK_S": "constexpr",
-                "BLOCK_K": "constexpr",
-            },
-            {
-                "HAS_BIAS": False,
-                "SOFTMAX": True,
-                "GROUPED": True,
-                "NORM": False,
-                "BLOCK_T": route["BLOCK_T"],
-                "BLOCK_G": 8,
-                "BLOCK_S": 32,
-                "BLOCK_K": 8,
-            },
-            route["num_warps"],
-            route["num_stages"],
-        )
-    )
-    p_opts = (perm["num_warps"], perm["num_stages"])
-    for ids_t in ("*i64", "*i32"):
-        specs.append(
-            CompileSpec(
-                f"moe_permute.count[{ids_t[1:]} ids]",
-                _moe_count_kernel,
-                {"ids_ptr": ids_t, "rank_ptr": "*i32", "counts_ptr": "*i64", "N": "i32", "BLOCK_N": "constexpr"},
-                {"BLOCK_N": perm["BLOCK_N"]},
-                *p_opts,
-            )
-        )
-    for name, ptr in {**_PTR, "fp8 (as u8)": "*u8"}.items():
-        specs.append(
-            CompileSpec(
-                f"moe_permute.scatter[{name} rows]",
-                _moe_scatter_kernel,
-                {
-                    "x_ptr": ptr,
-                    "ids_ptr": "*i64",
-                    "rank_ptr": "*i32",
-                    "offsets_ptr": "*i64",
-                    "out_ptr": ptr,
-                    "order_ptr": "*i64",
-                    "N": "i32",
-                    "H": "i32",
-                    "top_k": "i32",
-                    "stride_x": "i32",
-                    "BLOCK_R": "constexpr",
-                    "BLOCK_H": "constexpr",
-                },
-                {"BLOCK_R": perm["BLOCK_R"], "BLOCK_H": perm["BLOCK_H"]},
-                *p_opts,
-            )
-        )
-    u_opts = (unperm["num_warps"], unperm["num_stages"])
-    specs.append(
-        CompileSpec(
-            "moe_unpermute.invert[i64 order]",
-            _invert_kernel,
-            {"order_ptr": "*i64", "inv_ptr": "*i64", "N": "i32", "BLOCK": "constexpr"},
-            {"BLOCK": 1024},
-            *u_opts,
-        )
-    )
-    for name, ptr in _PTR.items():
-        specs.append(
-            CompileSpec(
-                f"moe_unpermute[{name}]",
-                _moe_unpermute_kernel,
-                {
-                    "y_ptr": ptr,
-                    "inv_ptr": "*i64",
-                    "w_ptr": "*fp32",
-                    "out_ptr": ptr,
-                    "T": "i32",
-                    "N": "i32",
-                    "top_k": "i32",
-                    "stride_y": "i32",
-                    "BLOCK_T": "constexpr",
-                    "BLOCK_N": "constexpr",
-                },
-                {"BLOCK_T": unperm["BLOCK_T"], "BLOCK_N": unperm["BLOCK_N"]},
-                *u_opts,
-            )
-        )
+    for logits in (f32, bf16, f16):
+        for label, e, n_group, top_k, scoring, bias, norm in _ROUTERS if logits == f32 else _ROUTERS[:1]:
+            launch = _route_launch(
+                route, logits, f32 if bias else None,
+                scoring_func=scoring, n_group=n_group, group_size=e // n_group, top_k=top_k, norm=norm,
+            )  # fmt: skip
+            specs.append(launch.spec(f"moe_route[{name(logits)} logits, {label}]"))
+    for ids in (i64, i32):
+        specs.append(_count_launch(perm, ids).spec(f"moe_permute.count[{name(ids)} ids]"))
+    for rows, ids in ((f32, i64), (bf16, i64), (f16, i64), (torch.uint8, i64), (bf16, i32)):
+        label = "fp8 (as u8)" if rows == torch.uint8 else name(rows)
+        specs.append(_scatter_launch(perm, rows, ids).spec(f"moe_permute.scatter[{label} rows, {name(ids)} ids]"))
+    for order in (i64, i32):
+        specs.append(_invert_launch(unperm, order).spec(f"moe_unpermute.invert[{name(order)} order]"))
+    for y, order in ((f32, i64), (bf16, i64), (f16, i64), (bf16, i32)):
+        specs.append(_unpermute_launch(unperm, y, order).spec(f"moe_unpermute[{name(y)}, {name(order)} order]"))
     return specs

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import triton
@@ -32,13 +31,17 @@ import triton.language as tl
 from hal.errors import DTypeError, LayoutError, OpInputError
 from hal_kernels import _common
 
-__all__ = ["DEFAULT_CONFIG", "OPS", "REFERENCE", "attention_prefill", "compile_specs"]
+__all__ = ["DEFAULTS", "DEFAULT_CONFIG", "OPS", "REFERENCE", "attention_prefill", "compile_specs"]
 
 _OP = "attention_prefill"
 
-#: Defaults for H100 with DeepSeek's 192/128 head dims: 128 queries x 32 keys, 8 warps, 2 stages compile
-#: for sm_90 without spills (248 registers, 56 KiB shared); 64 keys per step spill.
+#: Defaults for H100 with DeepSeek's 192/128 head dims: 128 queries x 32 keys, 8 warps, 2 stages; the
+#: backends' tuning files override them per architecture. What a config compiles to (registers, shared
+#: memory, spills) is what ``hal compile-check --target <arch>`` reports; the last recorded run is
+#: bench/results/compile-check.json.
 DEFAULT_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+#: op → its default config (what a tuning file's keys are checked against).
+DEFAULTS: Mapping[str, Mapping[str, int]] = {_OP: DEFAULT_CONFIG}
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -256,6 +259,49 @@ def _check_config(cfg: Mapping[str, int]) -> None:
             raise OpInputError(_OP, "config", f"{key} must be a power of two >= 16 (tl.dot's minimum), got {v!r}")
 
 
+def _launch(
+    cfg: Mapping[str, int],
+    dtype: torch.dtype,
+    cu_q_dtype: torch.dtype,
+    cu_k_dtype: torch.dtype,
+    *,
+    d_qk: int,
+    d_v: int,
+    causal: bool,
+) -> _common.Launch:
+    """The kernel launch for these dtypes, head dims and mask (the launcher's, and the compile specs')."""
+    t = _common.ptr(dtype)
+    block_a, block_b = _split_dims(d_qk)
+    return _common.Launch(
+        _prefill_kernel,
+        pointers={
+            "q_ptr": t,
+            "k_ptr": t,
+            "v_ptr": t,
+            "o_ptr": t,
+            "cu_q_ptr": _common.ptr(cu_q_dtype),
+            "cu_k_ptr": _common.ptr(cu_k_dtype),
+            "tile_cu_ptr": "*i32",  # the launcher's own cumulative tile count
+        },
+        constexprs={
+            "BLOCK_M": cfg["BLOCK_M"],
+            "BLOCK_N": _block_n(cfg, dtype),
+            "BLOCK_DA": block_a,
+            "BLOCK_DB": max(block_b, 16),
+            "BLOCK_DV": _pow2(d_v),
+            "HAS_B": block_b > 0,
+            "CAUSAL": bool(causal),
+            "UPCAST": _common.INTERPRETING,
+            # input_precision matters only for fp32 operands, where 'ieee' keeps the 1e-5 bound; it is
+            # also the one value every target accepts (gfx950 rejects tf32).
+            "PREC": "ieee",
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        scalars={"scale_log2": "fp32"},
+    )
+
+
 def attention_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -304,17 +350,10 @@ def attention_prefill(
     tiles_per_seq = torch.div(lens_q + (block_m - 1), block_m, rounding_mode="floor")
     torch.cumsum(tiles_per_seq, 0, dtype=torch.int32, out=tile_cu[1:])
     tiles = min(total_q, triton.cdiv(total_q, block_m) + b - 1)
-    block_a, block_b = _split_dims(d_qk)
-    _prefill_kernel[(tiles, h)](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, tile_cu,
+    _launch(cfg, q.dtype, cu_seqlens_q.dtype, cu_seqlens_k.dtype, d_qk=d_qk, d_v=d_v, causal=causal)(
+        (tiles, h), q, k, v, out, cu_seqlens_q, cu_seqlens_k, tile_cu,
         b, (b - 1).bit_length(), h // h_kv, d_qk, d_v, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=_block_n(cfg, q.dtype), BLOCK_DA=block_a, BLOCK_DB=max(block_b, 16),
-        BLOCK_DV=_pow2(d_v), HAS_B=block_b > 0, CAUSAL=bool(causal), UPCAST=_common.INTERPRETING,
-        # input_precision matters only for fp32 operands, where 'ieee' keeps the 1e-5 bound; it is also
-        # the one value every target accepts (gfx950 rejects tf32).
-        PREC="ieee",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
 
@@ -327,7 +366,6 @@ REFERENCE = {"attention_prefill": "hal_cpu.reference.attention:attention_prefill
 # Compile specs
 # ---------------------------------------------------------------------------------------------------
 
-_INTS_BEFORE_SCALE = ("b", "search_steps", "group", "d_qk", "d_v")
 _STRIDES = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh")
 
 
@@ -337,42 +375,18 @@ _DIVISIBLE = ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "cu_q_ptr", "cu_k_ptr", "tile_
 
 
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_common.CompileSpec]:
-    """DeepSeek-V3's MLA prefill (d_qk 192 = 128 + 64, d_v 128), causal, for bf16, fp16 and fp32.
+    """DeepSeek-V3's MLA prefill (d_qk 192 = 128 + 64, d_v 128, int32 cumulative lengths), causal (the
+    model's) for bf16, fp16 and fp32, and non-causal for bf16.
 
     :param fp8: the target's fp8 pointer type (unused: no fp8 path).
     :param tuning: op name → config; ``attention_prefill``'s overrides :data:`DEFAULT_CONFIG`.
     """
     del fp8
     cfg = _common.merge_config(DEFAULT_CONFIG, tuning.get(_OP), _OP)
-    specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        t = _TL_DTYPE[dtype]
-        sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "o_ptr": f"*{t}"}
-        sig |= {"cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "tile_cu_ptr": "*i32"}
-        sig |= {name: "i32" for name in _INTS_BEFORE_SCALE}
-        sig["scale_log2"] = "fp32"
-        sig |= {name: "i32" for name in _STRIDES}
-        constexprs: dict[str, Any] = {
-            "BLOCK_M": cfg["BLOCK_M"],
-            "BLOCK_N": _block_n(cfg, dtype),
-            "BLOCK_DA": 128,
-            "BLOCK_DB": 64,
-            "BLOCK_DV": 128,
-            "HAS_B": True,
-            "CAUSAL": True,
-            "UPCAST": False,
-            "PREC": "ieee",
-        }
-        sig |= {name: "constexpr" for name in constexprs}
-        specs.append(
-            _common.CompileSpec(
-                name=f"attention_prefill[{t}]",
-                kernel=_prefill_kernel,
-                signature=sig,
-                constexprs=constexprs,
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-                divisible_by_16=_DIVISIBLE,
-            )
+    variants = [(torch.bfloat16, True), (torch.float16, True), (torch.float32, True), (torch.bfloat16, False)]
+    return [
+        _launch(cfg, dtype, torch.int32, torch.int32, d_qk=192, d_v=128, causal=causal).spec(
+            f"attention_prefill[{_common.ptr(dtype)[1:]}{'' if causal else ', non-causal'}]", _DIVISIBLE
         )
-    return specs
+        for dtype, causal in variants
+    ]

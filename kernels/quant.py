@@ -23,10 +23,12 @@ from hal.errors import OpInputError
 from hal.quant import AMAX_FLOOR, fp8_max
 from hal_kernels import _common
 
-__all__ = ["DEFAULT_CONFIG", "OPS", "REFERENCE", "compile_specs", "quantize_fp8"]
+__all__ = ["DEFAULTS", "DEFAULT_CONFIG", "OPS", "REFERENCE", "compile_specs", "quantize_fp8"]
 
 #: ``num_warps`` and ``num_stages`` are launch options; ``BLOCK_M`` rows share one program.
 DEFAULT_CONFIG: dict[str, int] = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 1}
+#: op → its default config (what a tuning file's keys are checked against).
+DEFAULTS: Mapping[str, Mapping[str, int]] = {"quantize_fp8": DEFAULT_CONFIG}
 
 
 @triton.jit
@@ -64,11 +66,33 @@ def _quantize_fp8_kernel(
     # Saturate before the cast, as the reference does: past the top of the range e4m3fnuz gives NaN.
     q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
     if FNUZ:
-        # e4m3fnuz has no -0: its bit pattern is the format's NaN. Send what rounds to zero (at most
-        # half the smallest subnormal, 2^-10) to +0, so that no conversion can produce -0.
-        q = tl.where(tl.abs(q) <= 0.00048828125, 0.0, q)
+        # e4m3fnuz has no -0: its bit pattern is the format's NaN. Below the smallest subnormal (2^-10)
+        # round here, to nearest with ties to even as the cast would: up to half of it (2^-11) to +0,
+        # the rest to +-2^-10, so no conversion (not even one that truncates, as the interpreter's
+        # does) is ever asked for a value that could come out as -0.
+        small = tl.abs(q) < 0.0009765625
+        nearest = tl.where(tl.abs(q) > 0.00048828125, tl.where(q > 0, 0.0009765625, -0.0009765625), 0.0)
+        q = tl.where(small, nearest, q)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + g * stride_sg, scale, mask=row_ok)
+
+
+def _launch(cfg: Mapping[str, int], x_dtype: torch.dtype, fp8_dtype: torch.dtype, group_size: int) -> _common.Launch:
+    """The kernel launch for these dtypes and group size (the launcher's, and the compile specs')."""
+    return _common.Launch(
+        _quantize_fp8_kernel,
+        pointers={"x_ptr": _common.ptr(x_dtype), "q_ptr": _common.ptr(fp8_dtype), "s_ptr": "*fp32"},
+        constexprs={
+            "GROUP": group_size,
+            "BLOCK_G": triton.next_power_of_2(group_size),
+            "BLOCK_M": cfg["BLOCK_M"],
+            "FP8_MAX": fp8_max(fp8_dtype),
+            "AMAX_FLOOR": AMAX_FLOOR,
+            "FNUZ": fp8_dtype == torch.float8_e4m3fnuz,
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def quantize_fp8(
@@ -102,24 +126,8 @@ def quantize_fp8(
     if m == 0 or k == 0:
         return xq, scales
     grid = (triton.cdiv(m, block_m), groups)
-    _quantize_fp8_kernel[grid](
-        x,
-        xq,
-        scales,
-        m,
-        k,
-        x.stride(0),
-        xq.stride(0),
-        scales.stride(0),
-        scales.stride(1),
-        GROUP=group_size,
-        BLOCK_G=triton.next_power_of_2(group_size),
-        BLOCK_M=block_m,
-        FP8_MAX=fp8_max(fp8_dtype),
-        AMAX_FLOOR=AMAX_FLOOR,
-        FNUZ=fp8_dtype == torch.float8_e4m3fnuz,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+    _launch(cfg, x.dtype, fp8_dtype, group_size)(
+        grid, x, xq, scales, m, k, x.stride(0), xq.stride(0), scales.stride(0), scales.stride(1)
     )
     return xq, scales
 
@@ -128,46 +136,16 @@ OPS = {"quantize_fp8": quantize_fp8}
 REFERENCE = {"quantize_fp8": "hal_cpu.reference.gemm:quantize_fp8"}
 
 
+#: Pointers, and the row strides and K of real shapes (the scales' row stride, K / 128, usually is not).
+_DIVISIBLE = ("x_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_qm")
+
+
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_common.CompileSpec]:
-    """The quantization kernel for bf16 and fp32 activations, 1×128 groups, into ``fp8``'s format."""
+    """The quantization kernel for bf16, fp16 and fp32 activations, 1×128 groups, into ``fp8``'s format."""
     cfg = _common.merge_config(DEFAULT_CONFIG, tuning.get("quantize_fp8"), "quantize_fp8")
-    qmax = fp8_max(torch.float8_e4m3fnuz if fp8 == "*fp8e4b8" else torch.float8_e4m3fn)
-    specs = []
-    for x_type in ("*bf16", "*fp32"):
-        specs.append(
-            _common.CompileSpec(
-                name=f"quantize_fp8[{x_type[1:]} in]",
-                kernel=_quantize_fp8_kernel,
-                signature={
-                    "x_ptr": x_type,
-                    "q_ptr": fp8,
-                    "s_ptr": "*fp32",
-                    "M": "i32",
-                    "K": "i32",
-                    "stride_xm": "i32",
-                    "stride_qm": "i32",
-                    "stride_sm": "i32",
-                    "stride_sg": "i32",
-                    "GROUP": "constexpr",
-                    "BLOCK_G": "constexpr",
-                    "BLOCK_M": "constexpr",
-                    "FP8_MAX": "constexpr",
-                    "AMAX_FLOOR": "constexpr",
-                    "FNUZ": "constexpr",
-                },
-                constexprs={
-                    "GROUP": 128,
-                    "BLOCK_G": 128,
-                    "BLOCK_M": cfg["BLOCK_M"],
-                    "FP8_MAX": qmax,
-                    "AMAX_FLOOR": AMAX_FLOOR,
-                    "FNUZ": fp8 == "*fp8e4b8",
-                },
-                num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
-                # Pointers, and the row strides and K of real shapes (the scales' row stride, K / 128,
-                # usually is not).
-                divisible_by_16=("x_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_qm"),
-            )
+    return [
+        _launch(cfg, x_dtype, _common.fp8_dtype(fp8), 128).spec(
+            f"quantize_fp8[{_common.ptr(x_dtype)[1:]} in]", _DIVISIBLE
         )
-    return specs
+        for x_dtype in (torch.bfloat16, torch.float16, torch.float32)
+    ]

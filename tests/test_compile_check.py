@@ -3,8 +3,10 @@
 The end-to-end checks run ``hal compile-check`` in a subprocess without ``TRITON_INTERPRET`` (the
 interpreter's functions cannot be compiled), and compare what it compiled with every module's
 ``compile_specs`` listed here: a kernel added to a module and failing to compile fails this test, and
-so does a module that lists no kernel. A cold Triton cache makes each target take tens of seconds on
-two cores (sm_90 about 50 s, gfx942 about 20 s, triton 3.7.1); a warm one a few.
+so does a module that lists no kernel. Every spec but the fp32 ones (whose tiles are twice the bytes)
+must compile without spills on both targets, and a config needing more shared memory than the target
+has must be an error. A cold Triton cache makes each target take tens of seconds on two cores (73 specs
+for sm_90 in about 25 s, 70 for gfx942 in about 24 s, triton 3.7.1); a warm one a few.
 The parsers of ptxas', cuobjdump's and the AMDGPU assembler's reports are tested on recorded text.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 from hal.compile_check import (
+    SHARED_MEMORY_LIMITS,
     CompileCheckError,
     KernelResult,
     _parse_amdgcn,
@@ -98,6 +101,47 @@ def test_every_kernel_reports_its_resources(report: tuple[str, dict[str, Any]]) 
             assert {"vgpr", "sgpr", "scratch"} <= set(r["resources"]), r
 
 
+def test_no_spills_but_in_fp32_kernels(report: tuple[str, dict[str, Any]]) -> None:
+    """bf16, fp16, fp8 and integer kernels keep everything in registers with the shipped tuning (fp32
+    attention tiles may spill: they are the reference-precision path, not the model's)."""
+    target, data = report
+    spilling = [
+        f"{r['kernel']}: {r['spills']} {r['spill_unit']}"
+        for r in data["results"]
+        if r["kind"] == "triton" and "fp32" not in r["kernel"] and r["spills"] != 0
+    ]
+    assert not spilling, f"{target}: spilling\n" + "\n".join(spilling)
+
+
+def test_shipped_tuning_fits_the_targets_shared_memory(report: tuple[str, dict[str, Any]]) -> None:
+    target, data = report
+    assert data["shared_limit"] == SHARED_MEMORY_LIMITS[target]
+    assert all(r["shared"] <= data["shared_limit"] for r in data["results"] if r["status"] == "ok")
+
+
+@pytest.mark.parametrize("target", ["sm_90", "gfx942"])
+def test_a_config_over_the_shared_memory_limit_is_an_error(target: str, tmp_path: Path) -> None:
+    """8 stages of 128x128x128 fp8 tiles: 256 KiB on sm_90 (227 KiB there), 224 KiB of LDS on gfx942 (64 KiB):
+    it compiles, but could never launch."""
+    (tmp_path / "gemm_fp8.json").write_text(json.dumps({"default": {"num_stages": 8}}))
+    proc = compile_check(
+        "--target", target, "--kernel", "gemm_fp8[bf16 out]", "--tuning", str(tmp_path), "--json", "-q"
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    (line,) = json.loads(proc.stdout)["results"]
+    limit = SHARED_MEMORY_LIMITS[target]
+    assert line["status"] == "error" and line["shared"] > limit, line
+    assert f"{target} has {limit / 1024:.1f} KiB ({limit} bytes)" in line["detail"]
+    assert "cannot launch; lower num_stages or the block sizes" in line["detail"]
+
+
+def test_shared_memory_limits() -> None:
+    assert parse_target("sm_90").shared_limit == parse_target("sm_100a").shared_limit == 232448
+    assert parse_target("sm_80").shared_limit == 163 * 1024 and parse_target("sm_89").shared_limit == 99 * 1024
+    assert parse_target("gfx942").shared_limit == 65536 and parse_target("gfx950").shared_limit == 160 * 1024
+    assert parse_target("sm_75").shared_limit is None
+
+
 def test_cuda_c_sources_compile_with_nvcc_on_nvidia_targets(report: tuple[str, dict[str, Any]]) -> None:
     target, data = report
     cuda = [r for r in data["results"] if r["kind"] == "cuda-c"]
@@ -135,6 +179,9 @@ def test_a_target_triton_cannot_compile_for_is_reported_not_a_crash() -> None:
     data = json.loads(proc.stdout)
     assert data["results"] and {r["status"] for r in data["results"]} == {"unsupported"}
     assert all(r["detail"].startswith("unsupported by triton ") for r in data["results"])
+    # No shared-memory limit is known for it either: said, not silently skipped.
+    assert data["shared_limit"] is None
+    assert any(n.startswith("no shared-memory limit known for gfx999") for n in data["notes"])
 
 
 def test_a_kernel_that_fails_makes_the_exit_status_1(tmp_path: Path) -> None:
@@ -230,10 +277,10 @@ def test_format_report_lists_problems_under_the_table() -> None:
     bad = KernelResult("rotary[bf16]", "fused", "gfx942", status="error", detail="CompilationError: boom\nline 2")
     data = {
         "target": "gfx942", "triton_version": "3.7.1", "tuning_dir": "t", "seconds": 1.0, "notes": ["n"],
-        "counts": {"ok": 1, "error": 1, "skipped": 0, "unsupported": 0},
+        "shared_limit": 65536, "counts": {"ok": 1, "error": 1, "skipped": 0, "unsupported": 0},
         "results": [ok.as_dict(), bad.as_dict()],
     }  # fmt: skip
     text = format_report(data)
     assert "gemm_fp8[bf16 out]" in text and "217v/73s" in text and "16.0 KiB" in text and "8/2" in text
-    assert "1 ok, 1 error" in text and "note: n" in text
+    assert "1 ok, 1 error" in text and "note: n" in text and "shared ≤ 64.0 KiB" in text
     assert "rotary[bf16]: error: CompilationError: boom" in text and "      line 2" in text

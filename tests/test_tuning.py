@@ -1,9 +1,11 @@
 """Kernel tuning as data (``hal_kernels._tuning``) and the backends' tuning files.
 
 Loading: arch lookup over ``default``, arch-name spellings, non-op files left alone, malformed files
-rejected with the file's name. Binding: ``kernel_ops`` binds each launcher's ``config`` and keeps the
-launcher's name. The shipped files: every kernel op tuned for the backends' main archs, and every key
-in every file accepted by the kernel module it configures.
+rejected with the file's name. Binding: ``kernel_ops`` binds each launcher's ``config``, keeps the
+launcher's name, and rejects a key the launcher does not take when it binds it. The shipped files: every
+kernel op tuned for the backends' main archs, and every arch entry of every file (``sm_80``, ``sm_100``,
+``gfx950``, … not only the archs CI compiles for) accepted by the kernel module it configures and bound
+as the backend binds it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from hal.errors import OpInputError
 from hal.ops.catalogue import CATALOGUE
 from hal.registry import check_impl_signature
 from hal_kernels import MODULES
-from hal_kernels._tuning import ArchPlan, TuningError, kernel_ops, load_tuning, normalize_arch, read_file
+from hal_kernels._tuning import (
+    ArchPlan,
+    TuningError,
+    backend_kernel_ops,
+    kernel_ops,
+    load_tuning,
+    normalize_arch,
+    read_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNING = {"nvidia": ROOT / "backends" / "nvidia" / "tuning", "rocm": ROOT / "backends" / "rocm" / "tuning"}
@@ -122,9 +132,12 @@ def _launcher(x: torch.Tensor, *, config: Mapping[str, int] | None = None) -> tu
     return x, config
 
 
-def _fake_module(name: str, ops: Mapping[str, Any]) -> types.ModuleType:
+def _fake_module(name: str, ops: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> types.ModuleType:
     module = types.ModuleType(name)
     module.OPS = dict(ops)  # type: ignore[attr-defined]
+    if defaults is None:  # every op takes the keys the tests bind
+        defaults = {op: {"BLOCK_M": 1, "num_warps": 4} for op in ops}
+    module.DEFAULTS = dict(defaults)  # type: ignore[attr-defined]
     return module
 
 
@@ -165,12 +178,28 @@ def test_kernel_ops_covers_every_module_and_fits_the_catalogue() -> None:
             assert fn.keywords == {"config": tuning[op]}, op
 
 
-def test_unknown_config_key_surfaces_as_the_launchers_error(tmp_path: Path) -> None:
+def test_unknown_config_key_fails_when_it_is_bound(tmp_path: Path) -> None:
+    """A misspelt key fails when the backend binds its tuning, with the launcher's own message, not at
+    the op's first call."""
     _write(tmp_path, "rms_norm.json", {"default": {"BLOCK_X": 4}})
-    ops = kernel_ops(load_tuning(tmp_path, "sm_90"))
-    x, w = torch.randn(2, 8), torch.ones(8)
-    with pytest.raises(OpInputError, match=r"rms_norm: config: unknown keys \['BLOCK_X'\]"):
-        ops["rms_norm"](x, w)
+    with pytest.raises(TuningError, match=r"tuning for 'rms_norm': rms_norm: config: unknown keys \['BLOCK_X'\]"):
+        kernel_ops(load_tuning(tmp_path, "sm_90"))
+
+
+def test_a_typo_in_any_arch_entry_fails_the_backend_build_for_that_arch(tmp_path: Path) -> None:
+    _write(tmp_path, "gemm_fp8.json", {"default": {"BLOCK_M": 64}, "sm_100": {"num_stage": 3}})
+    # fp8 ops come inside the device format guard (fp8_format_guard)
+    guarded = backend_kernel_ops(tmp_path, "sm_90", "e4m3fn")["gemm_fp8"]
+    assert guarded.__wrapped__.keywords == {"config": {"BLOCK_M": 64}}
+    with pytest.raises(TuningError, match=r"tuning directory .*, architecture sm_100: .*unknown keys \['num_stage'\]"):
+        backend_kernel_ops(tmp_path, "sm_100", "e4m3fn")
+
+
+def test_kernel_ops_needs_defaults_to_check_a_config_against() -> None:
+    fake = _fake_module("fake_kernels", {"rms_norm": _launcher}, defaults={})
+    assert kernel_ops({}, modules=[fake])["rms_norm"] is _launcher  # nothing to bind, nothing to check
+    with pytest.raises(TuningError, match=r"fake_kernels declares no DEFAULTS\['rms_norm'\]"):
+        kernel_ops({"rms_norm": {"BLOCK_M": 4}}, modules=[fake])
 
 
 def test_arch_plan_is_a_mapping_that_names_its_arch() -> None:
@@ -207,3 +236,20 @@ def test_every_key_of_every_tuning_file_is_one_the_kernel_takes(backend: str) ->
                 module.compile_specs(FP8.get(arch, "*fp8e4nv"), {path.stem: config})
             except OpInputError as exc:
                 pytest.fail(f"{path}: {arch!r}: {exc}")
+
+
+def _archs(directory: Path) -> list[str]:
+    """Every architecture some kernel tuning file of ``directory`` has an entry for."""
+    files = [p for p in sorted(directory.glob("*.json")) if p.stem in CATALOGUE]
+    return sorted({arch for path in files for arch in read_file(path) if arch != "default"})
+
+
+@pytest.mark.parametrize("backend", sorted(TUNING))
+def test_every_arch_of_every_shipped_file_binds(backend: str) -> None:
+    """What each backend does when it is built for an arch, for every arch its files name: load, bind and
+    check every config (a typo in, say, the sm_100 entry fails here, not on the first sm_100 machine)."""
+    archs = _archs(TUNING[backend])
+    assert set(REQUIRED_ARCHS[backend]) <= set(archs)
+    for arch in archs:
+        ops = backend_kernel_ops(TUNING[backend], arch, "e4m3fn")
+        assert set(ops) == set(_kernel_op_owner()), arch

@@ -17,9 +17,30 @@ __all__ = ["fp8_gemm_op", "gemm"]
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ w.T`` through cuBLAS (``torch.mm``); cuBLAS accumulates bf16/fp16 products in fp32."""
+    """``x @ w.T`` through cuBLAS (``torch.mm``); cuBLAS accumulates bf16/fp16 products in fp32.
+
+    A float32 result of half-precision inputs (the LM head's logits) is the fp32 accumulation itself,
+    never a bf16 result widened: ``torch.mm(..., out_dtype=float32)`` where this torch has it, else the
+    product of the inputs widened to fp32.
+    """
+    if out_dtype == torch.float32 and x.dtype != torch.float32:
+        return _mm_fp32_out(x, w.t())
     y = torch.mm(x, w.t())
     return y if out_dtype is None or out_dtype == y.dtype else y.to(out_dtype)
+
+
+def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)  # type: ignore[call-arg]
+        except (TypeError, RuntimeError):  # older torch, or no kernel for this device / dtype
+            _MM_OUT_DTYPE = False
+    return torch.mm(a.float(), b.float())
+
+
+#: whether ``torch.mm`` takes ``out_dtype`` here (learned on the first call that needs it).
+_MM_OUT_DTYPE = True
 
 
 def fp8_gemm_op(

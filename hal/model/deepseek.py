@@ -513,7 +513,25 @@ class DeepseekModel:
     def _mlp_forward(self, m: _Mlp | _Moe, x: torch.Tensor) -> torch.Tensor:
         if isinstance(m, _Mlp):
             return self._tp_sum(self._dense_mlp(m, x))
+        if self.par.ep > 1:
+            return self._moe_expert_parallel(m, x)
+        ids, weights = self._route(m, x)
+        out = self._experts(m, x, ids, weights, self.cfg.n_routed_experts)
+        if m.shared is not None:
+            out = out + self._dense_mlp(m.shared, x)
+        # Under tensor parallelism every expert holds a slice of its intermediate dimension: partial sums.
+        return self._tp_sum(out)
+
+    def _route(self, m: _Moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's ``top_k`` experts and their weights (``[T, top_k]`` int64 ids, float32 weights); a
+        token's routing depends on that token alone."""
         be, cfg = self.backend, self.cfg
+        if x.shape[0] == 0:  # an expert-parallel rank's empty chunk
+            k = cfg.num_experts_per_tok
+            return (
+                torch.empty(0, k, dtype=torch.int64, device=x.device),
+                torch.empty(0, k, dtype=torch.float32, device=x.device),
+            )
         logits = be.gemm(x.float(), m.gate)  # the router runs in fp32, as DeepSeek's and transformers' do
         grouped = cfg.topk_method != "greedy"
         route = be.moe_route(
@@ -526,13 +544,7 @@ class DeepseekModel:
             routed_scaling_factor=cfg.routed_scaling_factor,
             scoring_func=cfg.scoring_func,
         )
-        if self.par.ep > 1:
-            return self._moe_expert_parallel(m, x, route.ids, route.weights)
-        out = self._experts(m, x, route.ids, route.weights, cfg.n_routed_experts)
-        if m.shared is not None:
-            out = out + self._dense_mlp(m.shared, x)
-        # Under tensor parallelism every expert holds a slice of its intermediate dimension: partial sums.
-        return self._tp_sum(out)
+        return route.ids, route.weights
 
     def _experts(
         self, m: _Moe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int
@@ -545,10 +557,11 @@ class DeepseekModel:
         y = self._grouped(be.silu_and_mul(self._grouped(perm.x, m.gate_up, offsets)), m.down, offsets)
         return be.moe_unpermute(y, perm.order, weights)
 
-    def _moe_expert_parallel(self, m: _Moe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _moe_expert_parallel(self, m: _Moe, x: torch.Tensor) -> torch.Tensor:
         """The MoE of replicated tokens ``x`` with routed experts spread over the ranks.
 
-        This rank sends its chunk of the tokens to the experts' ranks (``ep_dispatch``), runs its own
+        This rank routes its chunk of the tokens (routing is per token, so the other chunks' routing is
+        the other ranks' business), sends them to the experts' ranks (``ep_dispatch``), runs its own
         experts on what it receives, gets its tokens' results back (``ep_combine``) and writes them into
         its rows of a zero ``[T, H]`` buffer; the shared experts add theirs (a partial sum under tensor
         parallelism, else this chunk's rows), and one ``all_reduce`` gives every rank every token.
@@ -556,7 +569,8 @@ class DeepseekModel:
         be, par = self.backend, self.par
         lo, hi = par.token_range(x.shape[0])
         mine = x[lo:hi]
-        d = be.ep_dispatch(mine, ids[lo:hi], weights[lo:hi], num_experts=self.cfg.n_routed_experts, group=par.group)
+        ids, weights = self._route(m, mine)
+        d = be.ep_dispatch(mine, ids, weights, num_experts=self.cfg.n_routed_experts, group=par.group)
         n_local = m.gate_up.shape[0]
         if d.x.shape[0]:
             # An expert of another rank (-1) becomes the sink id n_local: past the last offset, weight 0.

@@ -45,6 +45,7 @@ __all__ = [
     "check_prompts",
     "check_sampling",
     "check_seed",
+    "default_num_blocks",
     "generate",
     "greedy",
 ]
@@ -233,6 +234,12 @@ def check_seed(seed: object, *, where: str = "generate") -> int | None:
     return None if seed is None else _int(seed, "seed", where)
 
 
+def default_num_blocks(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """The KV-cache blocks :func:`generate` reserves by default: every prompt plus ``max_new_tokens``,
+    rounded up to whole blocks per sequence (inputs already checked)."""
+    return sum(-(-(len(p) + max_new_tokens) // KV_BLOCK_SIZE) for p in prompts)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Token choice
 # ---------------------------------------------------------------------------------------------------
@@ -354,7 +361,7 @@ def generate(
     eos = check_eos(eos_token_ids, cfg)
     seed = check_seed(seed)
     if num_blocks is None:
-        num_blocks = sum(-(-(len(p) + steps) // KV_BLOCK_SIZE) for p in ids)
+        num_blocks = default_num_blocks(ids, steps)
     else:
         num_blocks = _int(num_blocks, "num_blocks")
         if num_blocks <= 0:

@@ -25,6 +25,9 @@ weight, :func:`shard_weight` cuts it (FP8 128×128 blocks and INT8 rows included
 only on block boundaries, else :class:`ParallelError` names the weight and the dimension),
 :func:`shard_state_dict` does it for a whole state dict, :func:`local_shapes` gives a rank's expected
 shapes, and :func:`init_parallel` starts the process group from torchrun's environment.
+:meth:`ParallelConfig.check` refuses, before any weight is built or read, a layout the config does not
+divide into, ``--ep`` alone on a model without routed experts, and (given which weights are FP8) an FP8
+weight ``tp`` cannot split on its 128-blocks.
 
 ``ParallelConfig()`` (``tp = ep = 1``) is one process: the model then runs exactly its single-process
 code, without a collective.
@@ -34,13 +37,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from hal.errors import HALError
 from hal.model.config import ModelConfig
-from hal.model.weights import Fp8Weight, Int8Weight, Weight, expected_shapes
+from hal.model.weights import Fp8Weight, Int8Weight, Weight, expected_shapes, is_linear
 
 if TYPE_CHECKING:
     from hal.backend import Backend
@@ -53,6 +56,7 @@ __all__ = [
     "Split",
     "init_parallel",
     "local_shapes",
+    "quantized_to_fp8",
     "shard_state_dict",
     "shard_weight",
     "split_for",
@@ -74,7 +78,8 @@ class ParallelConfig:
     :param tp: tensor-parallel degree (1 or the world size).
     :param ep: expert-parallel degree (1 or the world size).
     :param rank: this process's rank in ``group``.
-    :param group: the ``torch.distributed`` process group of the collectives; ``None`` is the world.
+    :param group: the ``torch.distributed`` process group of the collectives; ``None`` is the world. A
+        group given must be started, hold ``max(tp, ep)`` ranks and have this process as ``rank``.
     """
 
     tp: int = 1
@@ -95,6 +100,25 @@ class ParallelConfig:
         if not 0 <= self.rank < self.world_size:
             raise ParallelError(
                 f"rank {self.rank} is outside the {self.world_size} ranks of --tp {self.tp} --ep {self.ep}"
+            )
+        if self.group is not None:
+            self._check_group()
+
+    def _check_group(self) -> None:
+        """The collectives run on ``group``: its size must be the layout's and this process must be ``rank``."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ParallelError("ParallelConfig: a group was given, but torch.distributed is not initialized")
+        try:
+            size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        except (RuntimeError, ValueError) as exc:
+            raise ParallelError(f"ParallelConfig: cannot read the group given ({exc})") from None
+        if (size, rank) != (self.world_size, self.rank):
+            member = f"is its rank {rank}" if rank >= 0 else "is not in it"
+            raise ParallelError(
+                f"ParallelConfig: --tp {self.tp} --ep {self.ep} needs a group of {self.world_size} ranks in which this "
+                f"process is rank {self.rank}; the group given has {size} ranks and this process {member}"
             )
 
     @classmethod
@@ -131,8 +155,18 @@ class ParallelConfig:
     def ep_rank(self) -> int:
         return self.rank if self.ep > 1 else 0
 
-    def check(self, cfg: ModelConfig) -> None:
-        """Raise :class:`ParallelError` naming each config size that ``tp`` / ``ep`` does not divide."""
+    def check(self, cfg: ModelConfig, *, fp8: Callable[[str, tuple[int, ...]], bool] | None = None) -> None:
+        """Raise :class:`ParallelError` when this layout cannot run ``cfg``: a config size ``tp`` / ``ep``
+        does not divide (each one named); ``--ep`` without ``--tp`` on a model with no routed-expert layer
+        (every rank would run the whole model, as with ``tp = ep = 1`` on several processes); with ``fp8``,
+        an FP8 weight whose ``tp`` slices would cut its 128×128 scale blocks.
+
+        It needs only the config, so a launcher calls it before any rendezvous or weight.
+
+        :param fp8: which weights will be FP8, as ``fp8(name, full_shape)``: :func:`quantized_to_fp8` for
+            ``--quantize fp8``, membership in the checkpoint's FP8 weights for an FP8 checkpoint kept FP8.
+            ``None`` skips this check (:func:`shard_weight` still refuses a misaligned cut).
+        """
         need: list[tuple[str, int, int]] = []
         if self.tp > 1:
             need += [("num_attention_heads", cfg.num_attention_heads, self.tp), ("vocab_size", cfg.vocab_size, self.tp)]
@@ -148,6 +182,35 @@ class ParallelConfig:
         bad = [f"{name} ({size}) is not a multiple of {by}" for name, size, by in need if size % by]
         if bad:
             raise ParallelError(f"--tp {self.tp} --ep {self.ep} does not fit the model: " + "; ".join(bad))
+        if self.ep > 1 and self.tp == 1 and not any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+            why = (
+                "the model has no routed experts (n_routed_experts 0)"
+                if cfg.n_routed_experts == 0
+                else f"every layer is dense (first_k_dense_replace {cfg.first_k_dense_replace} >= "
+                f"num_hidden_layers {cfg.num_hidden_layers})"
+            )
+            raise ParallelError(
+                f"--ep {self.ep}: {why}, so expert parallelism has nothing to split and every rank would run the "
+                f"whole model; give --tp {self.ep}, or run one process"
+            )
+        if fp8 is not None and self.tp > 1:
+            self._check_fp8(cfg, fp8)
+
+    def _check_fp8(self, cfg: ModelConfig, fp8: Callable[[str, tuple[int, ...]], bool]) -> None:
+        cuts: dict[str, int] = {}  # weight kind (layers and experts shown as *) → the size cut off the grid
+        for name, shape in expected_shapes(cfg).items():
+            split = split_for(name, shape, cfg, self)
+            if isinstance(split, Split) and split.size % FP8_BLOCK and fp8(name, shape):
+                kind = re.sub(r"\.\d+\.", ".*.", name) + f" {_DIM_NAMES[split.dim].split()[0]}"
+                cuts.setdefault(kind, shape[split.dim])
+        if cuts:
+            listed = ", ".join(f"{kind} ({full})" for kind, full in cuts.items())
+            sizes = "; ".join(_fp8_fits(full) for full in dict.fromkeys(cuts.values()))
+            raise ParallelError(
+                f"--tp {self.tp} with FP8 weights: an FP8 weight splits only on its {FP8_BLOCK}x{FP8_BLOCK} scale "
+                f"blocks, and --tp {self.tp} would cut these off them: {listed}. {sizes[0].upper()}{sizes[1:]}. "
+                f"{_FP8_REMEDY}"
+            )
 
     def local_experts(self, cfg: ModelConfig) -> range:
         """The global ids of the routed experts this rank holds (all of them without expert parallelism)."""
@@ -251,6 +314,28 @@ def local_shapes(cfg: ModelConfig, par: ParallelConfig) -> dict[str, tuple[int, 
 
 
 _DIM_NAMES = ("rows (output features)", "columns (input features)")
+_FP8_REMEDY = (
+    "Run with --tp 1 (--ep N alone keeps every weight whole), or without FP8 weights (no --quantize fp8; an FP8 "
+    "checkpoint on a backend without FP8 arithmetic is converted at load and splits freely)"
+)
+
+
+def _fp8_fits(full: int) -> str:
+    """Which ``--tp`` split a dimension of ``full`` on FP8 block boundaries, in words (none, often)."""
+    blocks, rest = divmod(full, FP8_BLOCK)
+    if rest:
+        return f"{full} is not a multiple of {FP8_BLOCK}, so no --tp above 1 splits it on block boundaries"
+    fits = [d for d in range(2, blocks + 1) if blocks % d == 0]
+    if not fits:
+        return f"{full} is a single {FP8_BLOCK}-block, so no --tp above 1 splits it on block boundaries"
+    shown = ", ".join(map(str, fits[:6])) + (", ..." if len(fits) > 6 else "")
+    return f"{full} is {blocks} blocks of {FP8_BLOCK}: only a --tp that divides {blocks} ({shown}) splits it"
+
+
+def quantized_to_fp8(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether ``--quantize fp8`` makes the weight ``name`` of ``shape`` FP8: a linear weight whose K (last
+    dimension) is a multiple of 128 (:func:`hal.model.loader.quantize_linear`); for :meth:`ParallelConfig.check`."""
+    return is_linear(name) and len(shape) >= 2 and shape[-1] % FP8_BLOCK == 0
 
 
 def shard_weight(name: str, w: Weight, split: Split) -> Weight:
@@ -270,10 +355,8 @@ def shard_weight(name: str, w: Weight, split: Split) -> Weight:
         if not aligned:
             raise ParallelError(
                 f"{name}: splitting its {_DIM_NAMES[split.dim]} ({full}) into {split.parts} parts of {split.size} "
-                f"cuts FP8 {FP8_BLOCK}x{FP8_BLOCK} scale blocks (slice [{split.start}, {split.stop})); the split "
-                f"must fall on multiples of {FP8_BLOCK}: choose a --tp for which {full} / tp is a multiple of "
-                f"{FP8_BLOCK}, or run without FP8 weights (no --quantize fp8; an FP8 checkpoint on a backend "
-                "without FP8 arithmetic is converted at load and splits freely)"
+                f"cuts FP8 {FP8_BLOCK}x{FP8_BLOCK} scale blocks (slice [{split.start}, {split.stop})); "
+                f"{_fp8_fits(full)}. {_FP8_REMEDY}"
             )
         lo, hi = split.start // FP8_BLOCK, -(-split.stop // FP8_BLOCK)
         return Fp8Weight(

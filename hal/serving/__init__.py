@@ -7,7 +7,7 @@
   ``BackendSpec.health`` reports it.
 - :class:`Failover`: where to go when a device fails, and how to rebuild the model there.
 - :class:`~hal.serving.metrics.ServingMetrics`: the Prometheus metrics (needs ``prometheus-client``:
-  ``pip install hal-accel[metrics]``); imported only when metrics are asked for.
+  ``pip install hal-accel[metrics]``), which is imported only when metrics are asked for.
 - :class:`~hal.serving.faults.FaultInjectionPlugin`: a backend that fails after N ops, for testing
   failover.
 """

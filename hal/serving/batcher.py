@@ -24,13 +24,24 @@ running batch.
 
 Token choice and input checks are :mod:`hal.model.generate`'s (greedy ``argmax``, or temperature and
 top-p sampling from a per-request generator seeded by the request's ``seed``), so a greedy request
-gives the tokens :func:`hal.model.generate.generate` gives for the same prompt run on its own.
+gives the tokens :func:`hal.model.generate.generate` gives for the same prompt run on its own, wherever
+the model computes the same logits for a sequence whatever batch it is in: verified on the CPU in fp32.
+On a GPU, kernels (and their reduction orders) chosen by batch size can change the arithmetic, and so
+the argmax of a near-tie.
 
 With a :class:`~hal.serving.failover.Failover`, a device error in any model call marks the device
 unhealthy, rebuilds the model on the next backend and re-prefills every in-flight request with its
 prompt plus the tokens it already has; the requests go on from there (:attr:`AutoBatcher.failovers`
 reports each event and its recovery time). Any other error fails the requests in flight at that step
-(their futures get the exception) and the batcher goes on with the rest.
+(their futures get the exception) and the batcher goes on with the rest. Every future ends: a request
+in flight stays tracked until it is resumed, finished or failed, so even a bug in the scheduler fails
+it rather than leaving it waiting.
+
+Futures are resolved (result, exception, cancellation) only with the batcher's lock released, so a
+done-callback may call back into the batcher.
+
+One process only: a tensor- or expert-parallel model is refused, since batches depend on when
+requests arrive and every rank would form different ones (mismatched collectives).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,17 +65,18 @@ from hal.model.generate import (
     check_prompts,
     check_sampling,
     check_seed,
+    default_num_blocks,
     greedy,
 )
 from hal.ops.catalogue import KV_BLOCK_SIZE
 from hal.serving.errors import BatcherClosedError, FailoverError, RequestTooLargeError
 from hal.serving.failover import Failover, FailoverEvent
 from hal.serving.health import DeviceHealth, default_book, health
+from hal.serving.metrics import ServingMetrics, _NoMetrics, _nothing  # prometheus-client is imported on use
 
 if TYPE_CHECKING:
     from hal.backend import Backend
     from hal.kvcache import PagedKVCache
-    from hal.serving.metrics import ServingMetrics
 
 __all__ = ["AutoBatcher", "BatcherStats", "Request", "RequestResult", "generate_batched"]
 
@@ -129,10 +141,13 @@ class BatcherStats:
 
     :ivar prefill_seconds: / :ivar decode_seconds: wall time inside the model's prefill / decode calls,
         token choice included.
-    :ivar prefill_tokens: prompt (and, after a failover, re-prefilled) tokens.
+    :ivar prefill_calls: / :ivar prefill_tokens: prefills of admitted requests and their prompt tokens
+        (re-prefills after a failover are not among them: see ``reprefill_tokens``).
     :ivar decode_tokens: tokens produced by decode steps (one per sequence per step).
     :ivar generated_tokens: every token returned to requests (decode tokens plus first tokens).
     :ivar largest_batch: the most sequences one decode step ran.
+    :ivar reprefill_tokens: prompt and generated tokens prefilled again on a new backend to resume the
+        in-flight requests after failovers (the ``resumed_tokens`` of every :attr:`AutoBatcher.failovers`).
     """
 
     submitted: int
@@ -154,6 +169,7 @@ class BatcherStats:
     kv_blocks_reserved: int
     kv_blocks_total: int
     failovers: int
+    reprefill_tokens: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +207,9 @@ class _Job:
         self.prompt = prompt
         self.steps = steps
         self.eos = eos
-        self.sampler = sampler  # None: greedy, chosen for the whole batch at once
+        # None: greedy, chosen for the whole batch at once. Jobs may share one sampler
+        # (generate_batched): it then draws once per step for all of its rows, as generate() does.
+        self.sampler = sampler
         self.blocks = blocks
         self.future: Future[RequestResult] = Future()
         self.submitted_at = time.perf_counter()
@@ -202,40 +220,22 @@ class _Job:
         self.done = False
 
 
-def _nothing() -> None:
-    return None
+def _check_single_process(model: GenerativeModel) -> None:
+    """Refuse a tensor- or expert-parallel model (one whose ``par`` has ``tp`` or ``ep`` above 1).
 
-
-class _NoMetrics:
-    """Stands in for :class:`~hal.serving.metrics.ServingMetrics` when metrics are off (one no-op call
-    per step or request; nothing per op)."""
-
-    def observe_prefill(self, batch: int, prompt_tokens: int, seconds: float) -> None:
-        pass
-
-    def observe_decode(self, batch: int, seconds: float) -> None:
-        pass
-
-    def observe_tokens(self, n: int) -> None:
-        pass
-
-    def observe_finished(self, queue_s: float, first_token_s: float | None, latency_s: float) -> None:
-        pass
-
-    def observe_outcome(self, outcome: str, n: int = 1) -> None:
-        pass
-
-    def set_load(self, running: int, waiting: int, kv_used: int, kv_reserved: int, kv_total: int) -> None:
-        pass
-
-    def observe_failover(self, event: FailoverEvent) -> None:
-        pass
-
-    def instrument(self, backend: Backend) -> Callable[[], None]:
-        return _nothing
-
-    def close(self) -> None:
-        pass
+    Its ranks must make the same model calls in the same order, but an AutoBatcher's batches depend on
+    when requests arrive: each rank's batcher would form different ones and the collectives would
+    mismatch (a hang, or wrong results).
+    """
+    par = getattr(model, "par", None)
+    tp, ep = getattr(par, "tp", 1), getattr(par, "ep", 1)
+    if tp > 1 or ep > 1:
+        raise ValueError(
+            f"AutoBatcher: the model is tensor/expert parallel (tp={tp}, ep={ep}); batches depend on when "
+            "requests arrive, so every rank would form different batches and their collectives would not "
+            "match. Serve a single-process model (tp = ep = 1), or run the parallel model through "
+            "hal.model.generate.generate, which every rank calls with the same prompts"
+        )
 
 
 class AutoBatcher:
@@ -250,13 +250,17 @@ class AutoBatcher:
         ``min(max_position_embeddings, 2048)`` tokens.
     :param failover: what to do when a device fails (``None``: fail the in-flight requests).
     :param metrics: ``True`` for Prometheus metrics in a registry of their own
-        (:attr:`metrics`), or a :class:`~hal.serving.metrics.ServingMetrics` to record into.
-    :param metrics_port: serve the metrics over HTTP on this port (0: a free one, see
-        :attr:`metrics_port`); implies ``metrics``.
+        (:attr:`metrics`), or a :class:`~hal.serving.metrics.ServingMetrics` to record into (whose
+        HTTP server, if it serves, stays the caller's: it outlives the batcher).
+    :param metrics_port: serve the metrics over HTTP on this port (0: a free one; the port bound is
+        :attr:`metrics_port`) until the batcher is closed; implies ``metrics``.
     :param metrics_addr: the address to bind (default loopback only; ``"0.0.0.0"`` for a Prometheus
         elsewhere).
-    :param op_metrics: also count and time every op (implies ``metrics``; off by default, and then it
-        costs nothing).
+    :param op_metrics: also time every op (implies ``metrics``; off by default, and then it costs
+        nothing). With a ``ServingMetrics`` passed as ``metrics``, that object's own ``op_metrics``
+        decides, and ``op_metrics=True`` requires it to be on.
+    :raises ValueError: a bad size or timeout; ``op_metrics=True`` with a ``ServingMetrics`` built
+        without it; a tensor- or expert-parallel model (``model.par`` with ``tp`` or ``ep`` above 1).
     :raises hal.serving.errors.MetricsUnavailableError: metrics asked for without prometheus-client.
 
     Example::
@@ -292,6 +296,12 @@ class AutoBatcher:
             raise ValueError(f"AutoBatcher: num_blocks must be an int >= 1, got {num_blocks!r}")
         if failover is not None and not isinstance(failover, Failover):
             raise TypeError(f"AutoBatcher: failover must be a hal.serving.Failover, got {type(failover).__name__}")
+        _check_single_process(model)
+        if op_metrics and not isinstance(metrics, bool) and not metrics.op_metrics:
+            raise ValueError(
+                "AutoBatcher: op_metrics=True, but the ServingMetrics passed as metrics was built without "
+                "per-op metrics; build it with ServingMetrics(op_metrics=True), or drop op_metrics"
+            )
         self.max_batch_size = max_batch_size
         self.timeout_s = float(timeout_ms) / 1000.0
         self.num_blocks = num_blocks
@@ -299,19 +309,6 @@ class AutoBatcher:
         self._model = model
         self._cache: PagedKVCache = model.new_cache(num_blocks)
         self._block_size = self._cache.block_size
-
-        self._metrics: ServingMetrics | _NoMetrics = _NoMetrics()
-        self.metrics_port: int | None = None
-        self._owns_server = False
-        if metrics is not False or metrics_port is not None or op_metrics:
-            m = self._make_metrics(metrics, op_metrics, failover)
-            self._metrics = m
-            if metrics_port is not None:
-                self.metrics_port = m.serve(metrics_port, metrics_addr)
-                self._owns_server = True
-                log.info("AutoBatcher: metrics on http://%s:%d/metrics", metrics_addr, self.metrics_port)
-        self._unwrap_ops = self._metrics.instrument(model.backend)
-        self._metrics.set_load(0, 0, 0, 0, num_blocks)
 
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -334,18 +331,41 @@ class AutoBatcher:
                 "decode_tokens",
                 "generated_tokens",
                 "largest_batch",
+                "reprefill_tokens",
             ),
             0,
         )
         self._seconds = {"prefill": 0.0, "decode": 0.0}
-        self._thread = threading.Thread(target=self._run, name="hal-autobatcher", daemon=True)
-        self._thread.start()
+
+        self._metrics: ServingMetrics | _NoMetrics = _NoMetrics()
+        #: The port the metrics are served on (the one bound when ``metrics_port`` is 0); ``None`` when
+        #: this batcher serves none.
+        self.metrics_port: int | None = None
+        self._owns_server = False
+        self._unwrap_ops: Callable[[], None] = _nothing
+        try:
+            # Ops are wrapped before the server starts, and both are undone on any failure below: a
+            # constructor that raises leaves no server bound and no backend wrapped.
+            if metrics is not False or metrics_port is not None or op_metrics:
+                m = self._make_metrics(metrics, op_metrics, failover)
+                self._metrics = m
+                self._unwrap_ops = m.instrument(model.backend)
+                m.set_load(0, 0, 0, 0, num_blocks)
+                if metrics_port is not None:
+                    self.metrics_port = m.serve(metrics_port, metrics_addr)
+                    self._owns_server = True
+                    log.info("AutoBatcher: metrics on http://%s:%d/metrics", metrics_addr, self.metrics_port)
+            self._thread = threading.Thread(target=self._run, name="hal-autobatcher", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._unwrap_ops()
+            if self._owns_server:
+                self._metrics.close()
+            raise
 
     def _make_metrics(
         self, metrics: bool | ServingMetrics, op_metrics: bool, failover: Failover | None
     ) -> ServingMetrics:
-        from hal.serving.metrics import ServingMetrics  # needs prometheus-client: only when asked for
-
         m = metrics if isinstance(metrics, ServingMetrics) else ServingMetrics(op_metrics=op_metrics)
         registry = failover.registry if failover is not None else None
         book = failover.book if failover is not None else default_book()
@@ -410,10 +430,15 @@ class AutoBatcher:
 
         :param requests: :class:`Request` objects, or bare prompts (token-id lists) that take their other
             fields from ``defaults`` (``max_new_tokens`` is required for them).
-        :returns: one :class:`RequestResult` per request, in order.
-        :raises: the first failed request's error (in request order), after every request has ended.
+        :returns: one :class:`RequestResult` per request, in order, once every request has finished.
+        :raises: the first failed request's error (in request order, e.g.
+            :class:`~hal.serving.errors.RequestTooLargeError`), only after every request has ended, so
+            none is still running when it raises; the others' results are then not returned (submit
+            them one by one to get each request's own outcome). ``concurrent.futures.CancelledError``
+            when a request was cancelled (``close(cancel_pending=True)`` from another thread).
+        :raises hal.model.generate.GenerationError: bad input in any request (nothing is queued then).
         """
-        jobs = []
+        checked = []
         for i, r in enumerate(requests):
             if not isinstance(r, Request):
                 if "max_new_tokens" not in defaults:
@@ -422,13 +447,21 @@ class AutoBatcher:
                         "(or hal.serving.Request objects)"
                     )
                 r = Request(r, **defaults)
-            jobs.append(self._job(r))  # every request is checked before any is queued
+            checked.append(r)
+        return self._process(checked)
+
+    def _process(self, requests: Sequence[Request], sampler: Sampler | None = None) -> list[RequestResult]:
+        """:meth:`process` of checked-to-be :class:`Request` objects; ``sampler``: one sampler shared by
+        every sampled request (:func:`generate_batched`)."""
+        jobs = [self._job(r, sampler) for r in requests]  # every request is checked before any is queued
         self._enqueue(jobs)
-        for job in jobs:
-            exc = job.future.exception()  # waits
+        futures = [job.future for job in jobs]
+        wait(futures)  # all of them, failed ones included: nothing of this call is left running
+        for future in futures:
+            exc = future.exception()  # raises CancelledError for a cancelled one
             if exc is not None:
                 raise exc
-        return [job.future.result() for job in jobs]
+        return [future.result() for future in futures]
 
     def stats(self) -> BatcherStats:
         """A consistent snapshot of the counters."""
@@ -454,6 +487,7 @@ class AutoBatcher:
                 kv_blocks_reserved=self._reserved,
                 kv_blocks_total=self.num_blocks,
                 failovers=len(self._events),
+                reprefill_tokens=c["reprefill_tokens"],
             )
 
     def close(self, *, wait: bool = True, cancel_pending: bool = False) -> None:
@@ -462,15 +496,20 @@ class AutoBatcher:
         :param wait: block until the scheduler has stopped.
         :param cancel_pending: cancel requests not yet admitted instead of running them.
         """
+        cancelled: list[_Job] = []
         with self._cond:
             self._closing = True
             if cancel_pending:
-                while self._waiting:
-                    job = self._waiting.popleft()
-                    if job.future.cancel():
-                        self._counts["cancelled"] += 1
-                        self._metrics.observe_outcome("cancelled")
+                # Waiting jobs are never running, so each cancel below succeeds; taken off the queue here,
+                # they are cancelled once the lock is released (their done-callbacks may use the batcher).
+                cancelled = list(self._waiting)
+                self._waiting.clear()
+                self._counts["cancelled"] += len(cancelled)
             self._cond.notify_all()
+        for job in cancelled:
+            job.future.cancel()
+        if cancelled:
+            self._metrics.observe_outcome("cancelled", len(cancelled))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -491,14 +530,17 @@ class AutoBatcher:
     # Submission (caller threads)
     # ------------------------------------------------------------------------------------------
 
-    def _job(self, r: Request) -> _Job:
+    def _job(self, r: Request, shared: Sampler | None = None) -> _Job:
         where = "AutoBatcher.submit"
         cfg = self._model.cfg
         steps, temperature, top_p = check_sampling(r.max_new_tokens, r.temperature, r.top_p, where=where)
         prompt = check_prompts([r.prompt_ids], cfg, steps, where=where)[0]
         eos = check_eos(r.eos_token_ids, cfg, where=where)
         seed = check_seed(r.seed, where=where)
-        sampler = None if temperature == 0 else Sampler(temperature, top_p, seed)
+        if temperature == 0:
+            sampler = None
+        else:
+            sampler = shared if shared is not None else Sampler(temperature, top_p, seed)
         # Tokens the cache holds at the end: the prompt, then one per decode step (the last token is
         # returned, never fed back).
         cached = len(prompt) + max(steps - 1, 0)
@@ -509,30 +551,37 @@ class AutoBatcher:
         return _Job(job_id, prompt, steps, eos, sampler, blocks)
 
     def _enqueue(self, jobs: list[_Job]) -> None:
+        failed: list[tuple[_Job, BaseException]] = []
+        rejected: list[_Job] = []
         with self._cond:
             if self._closing:
                 raise BatcherClosedError("AutoBatcher is closed; create a new one to submit requests")
             for job in jobs:
                 self._counts["submitted"] += 1
                 if self._fatal is not None:
-                    self._fail(job, self._fatal)
+                    failed.append((job, self._fatal))
                 elif job.blocks > self.num_blocks:
                     self._counts["rejected"] += 1
-                    self._metrics.observe_outcome("rejected")
-                    job.future.set_exception(
-                        RequestTooLargeError(
-                            f"AutoBatcher.submit: the request needs {job.blocks} KV-cache blocks of "
-                            f"{self._block_size} tokens ({len(job.prompt)} prompt tokens + {job.steps} new), "
-                            f"but the cache has {self.num_blocks} in all, so it could never run; shorten it, "
-                            "lower max_new_tokens, or build the AutoBatcher with more num_blocks"
-                        )
-                    )
+                    rejected.append(job)
                 else:
                     self._waiting.append(job)
             self._metrics.set_load(
                 len(self._running), len(self._waiting), self._cache.num_used_blocks, self._reserved, self.num_blocks
             )
             self._cond.notify_all()
+        # Resolved with the lock released: a done-callback may call back into the batcher.
+        for job, exc in failed:
+            self._fail(job, exc)
+        for job in rejected:
+            self._metrics.observe_outcome("rejected")
+            job.future.set_exception(
+                RequestTooLargeError(
+                    f"AutoBatcher.submit: the request needs {job.blocks} KV-cache blocks of "
+                    f"{self._block_size} tokens ({len(job.prompt)} prompt tokens + {job.steps} new), "
+                    f"but the cache has {self.num_blocks} in all, so it could never run; shorten it, "
+                    "lower max_new_tokens, or build the AutoBatcher with more num_blocks"
+                )
+            )
 
     # ------------------------------------------------------------------------------------------
     # The scheduler (its own thread)
@@ -647,18 +696,18 @@ class AutoBatcher:
 
     @staticmethod
     def _choose(logits: torch.Tensor, jobs: list[_Job]) -> list[int]:
-        """One token per row: greedy rows in one ``argmax``, sampled rows each with its own generator."""
-        sampled = [i for i, j in enumerate(jobs) if j.sampler is not None]
-        if not sampled:
+        """One token per row: greedy rows in one ``argmax``; sampled rows with their sampler, one call per
+        sampler over all of its rows in order (a request's own sampler: its row alone)."""
+        if all(j.sampler is None for j in jobs):
             return greedy(logits)
-        chosen = [0] * len(jobs)
-        greedy_rows = [i for i, j in enumerate(jobs) if j.sampler is None]
-        if greedy_rows:
-            for i, t in zip(greedy_rows, greedy(logits[greedy_rows]), strict=True):
-                chosen[i] = t
+        groups: dict[int, tuple[Sampler | None, list[int]]] = {}
         for i, job in enumerate(jobs):
-            if job.sampler is not None:
-                chosen[i] = job.sampler(logits[i : i + 1])[0]
+            groups.setdefault(id(job.sampler), (job.sampler, []))[1].append(i)
+        chosen = [0] * len(jobs)
+        for sampler, rows in groups.values():
+            part = logits if len(rows) == len(jobs) else logits[rows]
+            for i, t in zip(rows, greedy(part) if sampler is None else sampler(part), strict=True):
+                chosen[i] = t
         return chosen
 
     def _advance(self, jobs: list[_Job], chosen: list[int]) -> None:
@@ -679,7 +728,8 @@ class AutoBatcher:
 
     def _finish(self, job: _Job, reason: str) -> None:
         job.done = True
-        self._cache.free(job.id)  # its blocks serve the next admissions at once
+        if job.id in self._cache:  # not after a failover that finished it before any re-prefill
+            self._cache.free(job.id)  # its blocks serve the next admissions at once
         now = time.perf_counter()
         started = job.started_at if job.started_at is not None else now
         result = RequestResult(
@@ -713,36 +763,44 @@ class AutoBatcher:
     # ------------------------------------------------------------------------------------------
 
     def _on_error(self, exc: Exception) -> None:
+        # The jobs in flight stay in self._running until each is resumed, finished or failed: should
+        # anything escape from here, the scheduler's crash handler still finds (and fails) them.
         inflight = [j for j in self._running if not j.done]
-        self._running = []
         failover = self._failover
-        if failover is not None and failover.is_device_error(exc):
-            try:
+        try:
+            if failover is not None and failover.is_device_error(exc):
                 self._recover(failover, exc, inflight)
                 return
-            except FailoverError as fatal:
-                log.error("AutoBatcher: %s", fatal)
-                self._give_up(fatal, inflight)
-                return
-            except Exception as other:  # the new backend failed otherwise: these requests fail, others go on
-                exc = other
-        log.warning("AutoBatcher: %d in-flight request(s) failed: %s: %s", len(inflight), type(exc).__name__, exc)
-        for job in inflight:
+        except FailoverError as fatal:
+            log.error("AutoBatcher: %s", fatal)
+            self._give_up(fatal, inflight)
+            return
+        except Exception as other:  # the new backend failed otherwise, or the predicate itself raised
+            log.error("AutoBatcher: while handling %s: %s", type(exc).__name__, exc, exc_info=other)
+            exc = other
+        doomed = [j for j in inflight if not j.done]
+        log.warning("AutoBatcher: %d in-flight request(s) failed: %s: %s", len(doomed), type(exc).__name__, exc)
+        for job in doomed:
             if job.id in self._cache:
                 self._cache.free(job.id)
             with self._cond:
                 self._reserved -= job.blocks
             self._fail(job, exc)
+        self._running = [j for j in self._running if not j.done]
 
     def _give_up(self, fatal: FailoverError, inflight: list[_Job]) -> None:
-        """No backend left: fail everything, now and later."""
+        """No backend left: fail everything, now and later; the cache keeps no block."""
         with self._cond:
             self._fatal = fatal
             doomed = inflight + list(self._waiting)
             self._waiting.clear()
+            for job in inflight:
+                if job.id in self._cache:
+                    self._cache.free(job.id)
             self._reserved = 0
         for job in doomed:
             self._fail(job, fatal)
+        self._running = []
 
     def _recover(self, failover: Failover, exc: Exception, inflight: list[_Job]) -> None:
         t0 = time.perf_counter()
@@ -755,8 +813,10 @@ class AutoBatcher:
             model, passed = failover.replace(failed, error)  # raises FailoverError when none is left
             skipped += passed
             rebuilt = time.perf_counter()
+            cache = model.new_cache(self.num_blocks)
             with self._cond:
-                self._model, self._cache = model, model.new_cache(self.num_blocks)
+                self._model, self._cache = model, cache
+            self._unwrap_ops = self._metrics.instrument(model.backend)
             try:
                 resumed_tokens = self._resume(inflight)
             except Exception as again:
@@ -766,7 +826,6 @@ class AutoBatcher:
                 failed, error = model.backend, again
                 continue
             break
-        self._unwrap_ops = self._metrics.instrument(model.backend)
         done = time.perf_counter()
         event = FailoverEvent(
             from_backend=first.name,
@@ -796,29 +855,38 @@ class AutoBatcher:
         )
 
     def _resume(self, jobs: list[_Job]) -> int:
-        """Re-prefill each job's prompt and generated tokens (all but the last, which the next decode
-        step feeds) into the new model's cache; jobs that had no token yet get their first one.
+        """Carry ``jobs`` over to the new model: a prefill-only job (``max_new_tokens=0``) caught in its
+        prefill is finished at once, with no token; every other one gets its prompt and generated tokens
+        (all but the last, which the next decode step feeds) re-prefilled into the new cache, and those
+        that had no token yet get their first one from that prefill.
 
-        :returns: tokens prefilled.
+        :returns: tokens re-prefilled.
         """
-        if not jobs:
+        for j in jobs:
+            if j.steps == 0 and not j.done:
+                j.failovers += 1
+                self._finish(j, "length")
+        going = [j for j in jobs if not j.done]
+        if not going:
+            self._running = []
             return 0
-        contexts = [j.prompt + j.tokens[:-1] for j in jobs]
-        logits = self._model.prefill(self._cache, [j.id for j in jobs], contexts)
+        contexts = [j.prompt + j.tokens[:-1] for j in going]
+        logits = self._model.prefill(self._cache, [j.id for j in going], contexts)
         # Only once the prefill succeeded: a failure above leaves every job as it was.
         device = self._model.backend.device
-        for j in jobs:
+        for j in going:
             j.failovers += 1
             if j.sampler is not None:
-                j.sampler.to(device)
-        self._running = list(jobs)
-        fresh = [i for i, j in enumerate(jobs) if not j.tokens]
+                j.sampler.to(device)  # a shared sampler moves once; the next calls find it there
+        self._running = list(going)
+        fresh = [i for i, j in enumerate(going) if not j.tokens]
         if fresh:
-            self._advance([jobs[i] for i in fresh], self._choose(logits[fresh], [jobs[i] for i in fresh]))
+            part = logits if len(fresh) == len(going) else logits[fresh]
+            self._advance([going[i] for i in fresh], self._choose(part, [going[i] for i in fresh]))
+        tokens = sum(len(c) for c in contexts)
         with self._cond:
-            self._counts["prefill_calls"] += 1
-            self._counts["prefill_tokens"] += sum(len(c) for c in contexts)
-        return sum(len(c) for c in contexts)
+            self._counts["reprefill_tokens"] += tokens
+        return tokens
 
 
 def generate_batched(
@@ -836,20 +904,21 @@ def generate_batched(
     failover and so on, per ``batcher_kwargs``), returned as a
     :class:`~hal.model.generate.GenerationResult`.
 
-    Greedy tokens are :func:`~hal.model.generate.generate`'s. Sampled prompt ``i`` draws from its own
-    generator seeded ``seed + i`` (``generate`` draws the whole batch from one).
+    The tokens are :func:`~hal.model.generate.generate`'s, sampled ones included: every prompt runs in
+    one batch (by default ``max_batch_size`` is the number of prompts and ``num_blocks`` the cache
+    ``generate`` makes) and the sampled requests share one generator seeded ``seed``, which draws once
+    per step for the running sequences in prompt order, as ``generate``'s does. A smaller
+    ``max_batch_size`` or ``num_blocks`` in ``batcher_kwargs`` splits the batch: greedy tokens stay the
+    same, sampled ones are then reproducible but not ``generate``'s.
     """
-    steps, _, _ = check_sampling(max_new_tokens, temperature, top_p, where="generate_batched")
+    steps, temperature, top_p = check_sampling(max_new_tokens, temperature, top_p, where="generate_batched")
     checked = check_prompts(prompts, model.cfg, steps, where="generate_batched")
+    sampler = None if temperature == 0 else Sampler(temperature, top_p, check_seed(seed, where="generate_batched"))
     batcher_kwargs.setdefault("max_batch_size", len(checked))
-    # The cache generate() would make: every prompt plus its new tokens, rounded up per sequence.
-    batcher_kwargs.setdefault("num_blocks", sum(-(-(len(p) + steps) // KV_BLOCK_SIZE) for p in checked))
+    batcher_kwargs.setdefault("num_blocks", default_num_blocks(checked, steps))
     with AutoBatcher(model, **batcher_kwargs) as batcher:
-        requests = [
-            Request(p, max_new_tokens, temperature, top_p, None if seed is None else seed + i, eos_token_ids)
-            for i, p in enumerate(checked)
-        ]
-        results = batcher.process(requests)
+        requests = [Request(p, max_new_tokens, temperature, top_p, seed, eos_token_ids) for p in checked]
+        results = batcher._process(requests, sampler)
         stats = batcher.stats()
         backend = batcher.backend
     return GenerationResult(

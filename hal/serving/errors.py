@@ -2,8 +2,8 @@
 
 ``DeviceFailure`` (defined in :mod:`hal.errors`, re-exported here) is the one a backend (or a fault
 injector) raises to say "this device is gone": :func:`hal.serving.failover.is_device_error` treats it,
-and torch's own accelerator errors, as a reason to fail over; every other error is a bug or bad input
-and fails the requests it touched instead.
+and runtime errors naming a fatal device condition (an illegal memory access, a lost GPU, ...), as a
+reason to fail over; every other error is a bug or bad input and fails the requests it touched instead.
 """
 
 from __future__ import annotations

@@ -4,26 +4,45 @@
 ``__cause__`` / ``__context__`` chain:
 
 - :class:`~hal.serving.errors.DeviceFailure`, which backends (and the fault injector) raise on purpose;
-- ``torch.AcceleratorError`` (torch >= 2.8 raises it for CUDA/HIP runtime errors: illegal address,
-  launch failure, ECC error, a lost GPU);
-- a ``RuntimeError`` whose message carries a vendor runtime's fatal-error text: ``CUDA error``,
-  ``HIP error``, ``CUBLAS_STATUS_EXECUTION_FAILED``, ``NCCL error``, ``NPU function error``,
-  ``ACL stream synchronize failed``, ``EZ9999`` (older torch and torch_npu raise plain RuntimeErrors).
+- a ``RuntimeError`` (``torch.AcceleratorError``, which torch >= 2.8 raises for CUDA/HIP runtime
+  errors, is one) whose message names a condition after which the device, or its context, cannot go
+  on (:data:`FATAL_DEVICE_CONDITIONS`):
+
+  - CUDA / HIP: ``an illegal memory access was encountered`` (``hipErrorIllegalAddress``),
+    ``unspecified launch failure`` (``hipErrorLaunchFailure``), ``an illegal instruction was
+    encountered``, ``the launch timed out and was terminated`` (``hipErrorLaunchTimeOut``),
+    ``hardware stack error``, ``uncorrectable ECC error encountered`` and other ECC errors
+    (``hipErrorECCNotCorrectable``), ``GPU is lost`` / ``fallen off the bus``, ``no CUDA-capable
+    device is detected`` (``hipErrorNoDevice``), ``CUDA-capable device(s) is/are busy or
+    unavailable``;
+  - NCCL / RCCL: ``unhandled system error``, ``unhandled cuda error``, ``remote process exited``,
+    ``communicator was aborted``;
+  - Ascend (torch_npu raises plain RuntimeErrors): ``NPU function error``, ``ACL stream synchronize
+    failed``, ``EZ9999``.
+
+  Any other CUDA/HIP/NCCL error is not: ``invalid argument``, ``invalid device function``, NCCL
+  ``invalid usage`` and the like are bugs or set-up problems that another device would hit again.
 
 Never device errors: HAL's own errors (bad input, an exhausted KV cache, a missing op), out-of-memory
 (``torch.OutOfMemoryError``: a capacity problem, not a broken device) and device-side asserts (a bug
-in the inputs or a kernel, which another device would hit again). Pass your own predicate to
-:class:`Failover` to change this.
+in the inputs or a kernel, which another device would hit again), even though a device-side assert
+leaves the CUDA context unusable too. Pass your own predicate to :class:`Failover` to change this.
 
-**What failover does** (:class:`Failover`, driven by :class:`~hal.serving.AutoBatcher`): mark the
-failed device unhealthy in a :class:`~hal.serving.health.HealthBook`, take the next available backend of
-the registry that is not marked (highest priority first, or the order given), rebuild the model there
-from the checkpoint (a factory callable, or a checkpoint directory read by
+**Candidates.** By default failover goes to the other available backends of the registry, highest
+priority first, *except the reference backend* (``cpu``): on an accelerator box it would try to load
+the whole model into host memory and run it on the CPU. Name it in ``backends`` to allow it
+(``Failover(..., backends=["nvidia", "cpu"])``).
+
+**What failover does** (:class:`Failover`, driven by :class:`~hal.serving.AutoBatcher`): mark the failed
+device unhealthy in a :class:`~hal.serving.health.HealthBook`, take the next available backend of the
+registry that is not marked (highest priority first, the reference one left out, or the order given),
+rebuild the model there from the checkpoint (a factory callable, or a checkpoint directory read by
 :func:`hal.model.loader.load_model`), and hand it back; the batcher then re-prefills every in-flight
-request with its prompt and the tokens it already generated and goes on decoding, so nothing is lost
-and greedy continuations are those an undisturbed run gives. A candidate that fails to build is
-marked too and the next one is tried; when none is left, :class:`~hal.serving.errors.FailoverError`
-lists every candidate's reason.
+request with its prompt and the tokens it already generated and goes on decoding, so nothing is lost.
+Greedy continuations are those an undisturbed run gives where both backends compute the same logits
+(verified on the CPU in fp32); another backend, dtype or kernel choice can change the arithmetic, and so
+a near-tie's argmax. A candidate that fails to build is marked too and the next one is tried; when none
+is left, :class:`~hal.serving.errors.FailoverError` lists every candidate's reason.
 
 Failover moves between backends, each bound to the device it was built on. Moving between devices of
 one backend (``cuda:0`` to ``cuda:1``) needs a backend built per device, which the registry does not do
@@ -51,18 +70,42 @@ if TYPE_CHECKING:
     from hal.model.generate import GenerativeModel
     from hal.registry import Registry
 
-__all__ = ["Failover", "FailoverEvent", "ModelSource", "is_device_error"]
+__all__ = ["FATAL_DEVICE_CONDITIONS", "Failover", "FailoverEvent", "ModelSource", "is_device_error"]
 
 log = logging.getLogger("hal.serving")
 
 #: A model factory (``backend -> model``) or a checkpoint directory.
 ModelSource: TypeAlias = "Callable[[Backend], GenerativeModel] | str | os.PathLike[str]"
 
-_FATAL = re.compile(
-    r"CUDA error|HIP error|hipError|CUBLAS_STATUS_EXECUTION_FAILED|CUDNN_STATUS_EXECUTION_FAILED|NCCL error"
-    r"|NPU function error|ACL stream synchronize failed|EZ9999|GPU is lost|uncorrectable ECC",
-    re.IGNORECASE,
+#: The error-message fragments that mean the device (or its context) cannot go on; see the module docs.
+FATAL_DEVICE_CONDITIONS: tuple[str, ...] = (
+    # CUDA runtime / driver (HIP gives the same texts, or the hipError names)
+    "an illegal memory access was encountered",
+    "hipErrorIllegalAddress",
+    "unspecified launch failure",
+    "hipErrorLaunchFailure",
+    "an illegal instruction was encountered",
+    "the launch timed out and was terminated",
+    "hipErrorLaunchTimeOut",
+    "hardware stack error",
+    "ECC error",
+    "hipErrorECCNotCorrectable",
+    "GPU is lost",
+    "fallen off the bus",
+    "no CUDA-capable device is detected",
+    "hipErrorNoDevice",
+    "CUDA-capable device(s) is/are busy or unavailable",
+    # NCCL / RCCL
+    "unhandled system error",
+    "unhandled cuda error",
+    "remote process exited",
+    "communicator was aborted",
+    # Ascend (torch_npu)
+    "NPU function error",
+    "ACL stream synchronize failed",
+    "EZ9999",
 )
+_FATAL = re.compile("|".join(re.escape(c) for c in FATAL_DEVICE_CONDITIONS), re.IGNORECASE)
 _NOT_THE_DEVICE = re.compile(r"device-side assert|out of memory", re.IGNORECASE)
 
 
@@ -74,13 +117,12 @@ def _one(exc: BaseException) -> bool | None:
         return False
     if isinstance(exc, torch.OutOfMemoryError):
         return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if not isinstance(exc, RuntimeError):  # torch.AcceleratorError (torch >= 2.8) is a RuntimeError
+        return None
     message = str(exc)
     if _NOT_THE_DEVICE.search(message):
         return False
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    if isinstance(exc, RuntimeError) and _FATAL.search(message):
+    if _FATAL.search(message):
         return True
     return None
 
@@ -139,8 +181,9 @@ class Failover:
         a checkpoint directory for :func:`hal.model.loader.load_model` (``load_kwargs`` are passed on).
     :param registry: where backends come from (``None``: :func:`hal.default_registry`); tests pass an
         explicit ``hal.Registry(plugins=[...])``.
-    :param backends: the candidates in order (``None``: every available backend, highest priority
-        first). The backend that failed and backends with a device marked in ``book`` are skipped.
+    :param backends: the candidates in order (``None``: every available backend but the reference
+        one, ``cpu``, highest priority first; name ``cpu`` here to fail over to it). The backend that
+        failed and backends with a device marked in ``book`` are skipped.
     :param book: where failed devices are marked (``None``: :func:`~hal.serving.health.default_book`,
         which ``hal.health()`` reads).
     :param is_device_error: the predicate that decides which errors fail over (default
@@ -196,15 +239,20 @@ class Failover:
         self._lock = threading.Lock()
 
     def candidates(self, exclude: Sequence[str] = ()) -> list[str]:
-        """The backends failover would try now, in order (marked and excluded ones left out)."""
+        """The backends failover would try now, in order (marked and excluded ones left out; the reference
+        backend only when named in ``backends``)."""
         if self.backends is not None:
             names = list(self.backends)
         else:
-            names = [b.name for b in self.registry.backends() if b.available]
+            # Never the reference (cpu) unless named: a GPU box would load the whole model on the host.
+            names = [b.name for b in self.registry.backends() if b.available and not b.reference]
         return [n for n in names if n not in exclude and self.book.is_healthy(n)]
 
     def build(self, name: str | None = None) -> GenerativeModel:
-        """The model on ``name``, or on the first healthy candidate (what to start serving with)."""
+        """The model on ``name``, or on the first healthy candidate (what to start serving with).
+
+        :raises FailoverError: no candidate (see :meth:`candidates`) could build it.
+        """
         if name is not None:
             return self._factory(self.registry.get_backend(name))
         model, _ = self._next([], [])
@@ -236,7 +284,15 @@ class Failover:
                 return model, tuple(skipped)
         reasons = "\n  ".join([*tried, *skipped]) or "(none)"
         unhealthy = ", ".join(f"{b} {d}" for b, d in self.book.marks()) or "none"
+        remedy = "Bring a device back and clear its mark (HealthBook.clear), or add a backend"
+        if self.backends is None:
+            reference = [b.name for b in self.registry.backends() if b.reference and b.available]
+            if reference:
+                remedy += (
+                    f"; the reference backend {reference[0]!r} is a candidate only when named: "
+                    f"Failover(..., backends=[..., {reference[0]!r}])"
+                )
         raise FailoverError(
             f"no backend left to fail over to (devices marked unhealthy: {unhealthy}). Candidates and reasons:\n"
-            f"  {reasons}\nBring a device back and clear its mark (HealthBook.clear), or add a backend."
+            f"  {reasons}\n{remedy}."
         )

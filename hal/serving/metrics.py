@@ -7,35 +7,37 @@ recorded per op unless per-op metrics are asked for.
 
 Every name, its type and labels (``deploy/grafana-dashboard.json`` queries exactly these):
 
-==================================  =========  ================================  ===========================
-name                                type       labels                            what
-==================================  =========  ================================  ===========================
-``hal_requests_total``              counter    ``outcome``                       finished, failed, rejected,
-                                                                                 cancelled
-``hal_prompt_tokens_total``         counter                                      prompt tokens prefilled
-``hal_generated_tokens_total``      counter                                      tokens generated
-``hal_tokens_per_second``           gauge                                        generated tokens/s, last 10 s
-``hal_request_latency_seconds``     histogram                                    submit → result
-``hal_time_to_first_token_seconds`` histogram                                    submit → first token
-``hal_request_queue_seconds``       histogram                                    submit → prefill starts
-``hal_batch_size``                  histogram  ``phase`` (prefill, decode)       sequences per model call
-``hal_step_seconds``                histogram  ``phase``                         model call wall time
-``hal_requests_running``            gauge                                        sequences decoding
-``hal_requests_waiting``            gauge                                        queued (incl. back-pressure)
-``hal_kv_cache_blocks_used``        gauge                                        blocks held by sequences
-``hal_kv_cache_blocks_reserved``    gauge                                        blocks promised to admitted
-                                                                                 requests (admission budget)
-``hal_kv_cache_blocks_total``       gauge                                        blocks in the cache
-``hal_failovers_total``             counter    ``from_backend``, ``to_backend``  failovers
-``hal_failover_recovery_seconds``   histogram                                    error → requests resumed
-``hal_device_memory_bytes``         gauge      ``backend``, ``device``, ``kind`` allocated, reserved, peak,
-                                                                                 total (read at scrape)
-``hal_device_healthy``              gauge      ``backend``, ``device``           1 healthy, 0 not
-                                                                                 (``hal.health()``)
-``hal_serving_backend_info``        gauge      ``backend``, ``device``           1 for the serving backend
-``hal_op_calls_total``              counter    ``backend``, ``op``               per-op calls (opt-in)
-``hal_op_latency_seconds``          histogram  ``backend``, ``op``               per-op host time (opt-in)
-==================================  =========  ================================  ===========================
+=========================================  =========  =================================  ===========================
+name                                       type       labels                             what
+=========================================  =========  =================================  ===========================
+``hal_requests_total``                     counter    ``outcome``                        finished, failed, rejected,
+                                                                                         cancelled
+``hal_prompt_tokens_total``                counter                                       prompt tokens prefilled
+``hal_generated_tokens_total``             counter                                       tokens generated
+``hal_tokens_per_second``                  gauge                                         generated tokens/s, last 10 s
+``hal_request_latency_seconds``            histogram                                     submit → result
+``hal_time_to_first_token_seconds``        histogram                                     submit → first token
+``hal_request_queue_seconds``              histogram                                     submit → prefill starts
+``hal_batch_size``                         histogram  ``phase`` (prefill, decode)        sequences per model call
+``hal_step_seconds``                       histogram  ``phase``                          model call wall time
+``hal_requests_running``                   gauge                                         sequences decoding
+``hal_requests_waiting``                   gauge                                         queued (incl. back-pressure)
+``hal_kv_cache_blocks_used``               gauge                                         blocks held by sequences
+``hal_kv_cache_blocks_reserved``           gauge                                         blocks promised to admitted
+                                                                                         requests (admission budget)
+``hal_kv_cache_blocks_total``              gauge                                         blocks in the cache
+``hal_failovers_total``                    counter    ``from_backend``, ``to_backend``   failovers
+``hal_failover_recovery_seconds``          histogram                                     error → requests resumed
+``hal_failover_reprefill_tokens_total``    counter                                       prompt + generated tokens
+                                                                                         re-prefilled by failovers
+``hal_device_memory_bytes``                gauge      ``backend``, ``device``, ``kind``  allocated, reserved, peak,
+                                                                                         total (read at scrape)
+``hal_device_healthy``                     gauge      ``backend``, ``device``            1 healthy, 0 not
+                                                                                         (``hal.health()``)
+``hal_serving_backend_info``               gauge      ``backend``, ``device``            1 for the serving backend
+``hal_op_latency_seconds``                 histogram  ``backend``, ``op``                per-op host time; ``_count``
+                                                                                         is the call count (opt-in)
+=========================================  =========  =================================  ===========================
 
 **Per-op metrics cost nothing when off.** They are recorded by wrapping the backend's op attributes
 (:meth:`ServingMetrics.instrument`), which happens only when they are enabled; otherwise the model
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -94,10 +97,10 @@ METRIC_NAMES = (
     "hal_kv_cache_blocks_total",
     "hal_failovers_total",
     "hal_failover_recovery_seconds",
+    "hal_failover_reprefill_tokens_total",
     "hal_device_memory_bytes",
     "hal_device_healthy",
     "hal_serving_backend_info",
-    "hal_op_calls_total",
     "hal_op_latency_seconds",
 )
 
@@ -127,7 +130,7 @@ def prometheus_client() -> Any:
 class ServingMetrics:
     """The serving metrics, in a registry of their own.
 
-    :param op_metrics: also count and time every compute/collective op of the backends passed to
+    :param op_metrics: also time (and so count) every compute/collective op of the backends passed to
         :meth:`instrument` (off by default; see the module docstring for the cost).
     :param registry: a ``prometheus_client.CollectorRegistry`` to add to (``None``: a new one).
     :param health_ttl_s: seconds a :func:`hal.health` reading is reused across scrapes (NVML and
@@ -179,10 +182,14 @@ class ServingMetrics:
             buckets=_RECOVERY_BUCKETS,
             registry=r,
         )
-        self.op_calls: Any = None
+        self.failover_reprefill_tokens = pc.Counter(
+            "hal_failover_reprefill_tokens",
+            "Prompt and generated tokens re-prefilled to resume requests after a failover",
+            registry=r,
+        )
         self.op_latency: Any = None
         if op_metrics:
-            self.op_calls = pc.Counter("hal_op_calls", "HAL op calls", ["backend", "op"], registry=r)
+            # One histogram: its _count is the call count, so no separate counter is kept.
             self.op_latency = pc.Histogram(
                 "hal_op_latency_seconds", "HAL op host time", ["backend", "op"], buckets=_OP_BUCKETS, registry=r
             )
@@ -215,7 +222,8 @@ class ServingMetrics:
         self._health_cache = None
 
     def instrument(self, backend: Backend) -> Callable[[], None]:
-        """Wrap ``backend``'s compute and collective op attributes to count and time each call.
+        """Wrap ``backend``'s compute and collective op attributes to time each call (into
+        ``hal_op_latency_seconds``, whose ``_count`` counts the calls).
 
         Does nothing (and returns a no-op) unless ``op_metrics`` is on.
 
@@ -245,7 +253,6 @@ class ServingMetrics:
         return restore
 
     def _timed(self, fn: Callable[..., Any], backend: str, op: str) -> Callable[..., Any]:
-        calls = self.op_calls.labels(backend, op)
         latency = self.op_latency.labels(backend, op)
         clock = time.perf_counter
 
@@ -255,7 +262,6 @@ class ServingMetrics:
                 return fn(*args, **kwargs)
             finally:
                 latency.observe(clock() - t0)
-                calls.inc()
 
         timed.__wrapped__ = fn  # type: ignore[attr-defined]
         timed.__doc__ = fn.__doc__
@@ -302,6 +308,7 @@ class ServingMetrics:
     def observe_failover(self, event: FailoverEvent) -> None:
         self.failovers.labels(event.from_backend, event.to_backend).inc()
         self.failover_recovery.observe(event.recovery_seconds)
+        self.failover_reprefill_tokens.inc(event.resumed_tokens)
         self._health_cache = None  # the next scrape shows the device as marked
 
     def _trim(self, now: float) -> None:
@@ -352,8 +359,18 @@ class ServingMetrics:
         """The HTTP port, ``None`` when not serving."""
         return None if self._server is None else int(self._server.server_port)
 
-    def close(self) -> None:
-        """Stop the HTTP server, if any."""
+    def close(self, *, linger_s: float = 0.0) -> None:
+        """Stop the HTTP server, if any.
+
+        :param linger_s: keep serving this many seconds first (blocking), so that a Prometheus scraping
+            every ``linger_s`` or more often sees the final values of a short run (``hal run``).
+        :raises ValueError: ``linger_s`` is not a finite number >= 0.
+        """
+        if isinstance(linger_s, bool) or not isinstance(linger_s, int | float) or not 0 <= linger_s < math.inf:
+            raise ValueError(f"ServingMetrics.close: linger_s must be a finite number >= 0, got {linger_s!r}")
+        if self._server is not None and linger_s > 0:
+            log.info("metrics: serving on port %d for %g s more before stopping", self._server.server_port, linger_s)
+            time.sleep(linger_s)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -364,6 +381,38 @@ class ServingMetrics:
 
 def _nothing() -> None:
     return None
+
+
+class _NoMetrics:
+    """Stands in for :class:`ServingMetrics` when metrics are off (the batcher makes one no-op call per
+    step or request; nothing per op). Needs no prometheus-client."""
+
+    def observe_prefill(self, batch: int, prompt_tokens: int, seconds: float) -> None:
+        pass
+
+    def observe_decode(self, batch: int, seconds: float) -> None:
+        pass
+
+    def observe_tokens(self, n: int) -> None:
+        pass
+
+    def observe_finished(self, queue_s: float, first_token_s: float | None, latency_s: float) -> None:
+        pass
+
+    def observe_outcome(self, outcome: str, n: int = 1) -> None:
+        pass
+
+    def set_load(self, running: int, waiting: int, kv_used: int, kv_reserved: int, kv_total: int) -> None:
+        pass
+
+    def observe_failover(self, event: FailoverEvent) -> None:
+        pass
+
+    def instrument(self, backend: Backend) -> Callable[[], None]:
+        return _nothing
+
+    def close(self, *, linger_s: float = 0.0) -> None:
+        pass
 
 
 class _LiveCollector:

@@ -21,6 +21,12 @@ target may call :func:`hal.distributed.init`), each rank's JSON-able return valu
 what it raised) collected, and a bounded wait: a hang becomes a :class:`TimeoutError`, never a stuck
 test. :func:`torchrun_command` and :func:`torchrun_env` launch the real ``torchrun``.
 
+Ports: several jobs may start at once (pytest-xdist, concurrent launches in one test), so no port is
+picked free and bound later, which races. :func:`run_ranks` hosts the rendezvous store in the parent
+on a port the OS assigns while it is bound (the ranks connect to it, as torchrun's workers connect to
+its agent's store), and :func:`torchrun_command` uses ``torchrun --standalone``, whose agent binds
+its store on port 0 itself.
+
 Nothing here runs at import.
 """
 
@@ -47,10 +53,14 @@ __all__ = [
 
 #: The variables torchrun sets for each rank.
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: torch.distributed's ``env://`` rendezvous connects to an existing store (a client on every rank) when set.
+_AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago. Another process may take it before it is bound
+    again: where that matters, let the listener bind port 0 itself (as :func:`run_ranks` and
+    :func:`torchrun_command` do)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -65,24 +75,18 @@ def torchrun_env(**extra: str) -> dict[str, str]:
 
 
 def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
-    """``torchrun --nproc-per-node NPROC`` on a free loopback port, then ``args`` (a script and its
-    arguments, or ``-m module ...``), with the ``torchrun`` beside this Python.
+    """``torchrun --standalone --nproc-per-node NPROC``, then ``args`` (a script and its arguments, or ``-m
+    module ...``), with the ``torchrun`` beside this Python.
+
+    ``--standalone`` makes torchrun's agent host the rendezvous store on a port the OS assigns as it binds
+    (``localhost:0``) and its workers use that store, so launches started together never collide on a port.
 
     :raises FileNotFoundError: no ``torchrun`` next to ``sys.executable``.
     """
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         raise FileNotFoundError(f"no torchrun next to {sys.executable}")
-    return [
-        str(torchrun),
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        *args,
-    ]
+    return [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), *args]
 
 
 def _entry(rank: int, target: Callable[..., Any], args: tuple[Any, ...], world: int, port: int, out_dir: str,
@@ -90,6 +94,9 @@ def _entry(rank: int, target: Callable[..., Any], args: tuple[Any, ...], world: 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    # The store is the parent's (run_ranks): every rank connects to it as a client, as torchrun's workers
+    # connect to their agent's store; no rank binds a port.
+    os.environ[_AGENT_STORE_ENV] = "True"
     try:
         result = target(rank, *args)
     except BaseException:  # reported to the test, which decides what it means
@@ -124,14 +131,23 @@ def run_ranks(
     :returns: each rank's result, ``None`` for a rank that wrote none.
     :raises TimeoutError: the awaited results are not all in within ``timeout_s``.
     """
+    import datetime
+
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     out = Path(out_dir)
     ranks = list(range(world)) if wait_for is None else list(wait_for)
     files = [out / f"rank{r}.json" for r in range(world)]
+    # The rendezvous store, bound here on a port the OS picks (no window for another job to take it);
+    # it lives until the ranks are done.
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world_size=world, is_master=True, wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )  # fmt: skip
     ctx = mp.start_processes(
         _entry,
-        args=(target, tuple(args), world, free_port(), str(out), hard_exit),
+        args=(target, tuple(args), world, store.port, str(out), hard_exit),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -150,6 +166,7 @@ def run_ranks(
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+        del store  # the ranks are gone: close the server
     return [json.loads(f.read_text()) if f.exists() else None for f in files]
 
 

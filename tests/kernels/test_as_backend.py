@@ -24,7 +24,8 @@ What is checked:
    config bound, every other compute op falls back to the reference;
 2. the conformance kit (:mod:`hal.testing.conformance`, the cases and comparisons a third-party backend
    is held to) on every case of every op the kernels serve, each case on each backend whose fp8 format it
-   needs, none skipped; the ``quantize_fp8`` cases are excluded from the kit's comparison (see
+   needs, none skipped (but the e4m3fnuz cases, with the reason, on a Triton whose interpreter cannot run
+   e4m3fnuz kernels: ``conftest.FNUZ_PROBLEM``); the ``quantize_fp8`` cases are excluded from the kit's comparison (see
    :data:`EXCLUDED`) and checked instead against the reference with exactly the interpreter's cast
    deviations admitted, as ``test_quant.py`` does;
 3. the tiny DeepSeek model (``tiny_config``, seeded random weights) in fp32 on ``triton-sm90`` against
@@ -72,6 +73,7 @@ from hal.testing.conformance import CASES, Case, assert_close, cases_for, run_ca
 from hal.types import FP8_FORMATS, Availability, BackendImpl, BackendSpec, Capabilities
 from hal_kernels import MODULES, _common
 from hal_kernels._tuning import kernel_ops, load_tuning
+from tests.kernels.conftest import needs_fnuz
 from tests.kernels.test_quant import _quotients, assert_fp8_matches
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,12 +181,14 @@ def _applies(case: Case, target: Target) -> bool:
     return case.op in KERNEL_OPS and case.fp8 in (None, target.fp8_dtype)
 
 
-KIT = [
-    pytest.param(t, c, id=f"{t.name}-{c}") for t in TARGETS for c in CASES if _applies(c, t) and c.op not in EXCLUDED
-]
-KIT_EXCLUDED = [
-    pytest.param(t, c, id=f"{t.name}-{c}") for t in TARGETS for c in CASES if _applies(c, t) and c.op in EXCLUDED
-]
+def _param(target: Target, case: Case) -> Any:
+    # An e4m3fnuz case needs the interpreter to run kernels on e4m3fnuz: a skip saying why where it cannot.
+    marks = [needs_fnuz] if case.fp8 == torch.float8_e4m3fnuz else []
+    return pytest.param(target, case, id=f"{target.name}-{case}", marks=marks)
+
+
+KIT = [_param(t, c) for t in TARGETS for c in CASES if _applies(c, t) and c.op not in EXCLUDED]
+KIT_EXCLUDED = [_param(t, c) for t in TARGETS for c in CASES if _applies(c, t) and c.op in EXCLUDED]
 
 
 def test_every_kit_case_of_a_kernel_op_runs_on_some_backend() -> None:

@@ -183,3 +183,7 @@ def test_compile_specs_cover_every_kernel() -> None:
     for s in specs:
         assert list(s.signature) == s.kernel.arg_names
         assert {k for k, v in s.signature.items() if v == "constexpr"} == set(s.constexprs)
+    names = {s.name for s in specs}
+    # DeepSeek-V3's q_lora_rank (1536) and every float dtype the launchers take.
+    assert {"rms_norm[bf16, D=1536]", "rms_norm[fp16, D=7168]", "silu_and_mul[fp16]"} <= names
+    assert "rotary[bf16, interleaved, D=64, i32 positions]" in names

@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hal.errors import OpInputError
+from hal.errors import DTypeError, LayoutError, OpInputError, ShapeError
 from hal.quant import quantize_fp8_blocks
 from hal_kernels import _common, gemm, quant
-from tests.kernels.conftest import reference
+from tests.kernels.conftest import FP8S, reference
 
-FP8S = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
 OUT_DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 
 #: Per-element relative tolerance by output dtype. fp32: 1e-5 (the fp32 reassociation of a K <= 384
@@ -61,7 +60,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("fp8_dtype", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("fp8_dtype", FP8S)
 @pytest.mark.parametrize(("m", "n", "k", "config"), SHAPES, ids=[f"M{s[0]}-N{s[1]}-K{s[2]}" for s in SHAPES])
 def test_matches_reference(m: int, n: int, k: int, config: dict[str, int], fp8_dtype: torch.dtype) -> None:
     xq, xs, wq, ws = fp8_operands(m, n, k, fp8_dtype, seed=m * 1009 + n * 31 + k)
@@ -136,6 +135,59 @@ def test_rejects_strided_k(operands: tuple[torch.Tensor, ...]) -> None:
         gemm.gemm_fp8(xq, xs, wq_t, ws)
 
 
+def _k192() -> tuple[torch.Tensor, ...]:
+    """K = 192: not a multiple of the 128-deep scale block (the scales' shapes follow K / 128 rounded up)."""
+    xq = torch.zeros(4, 192, dtype=torch.float8_e4m3fn)
+    wq = torch.zeros(128, 192, dtype=torch.float8_e4m3fn)
+    return xq, torch.ones(4, 2), wq, torch.ones(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ("k192", LayoutError, r"gemm_fp8: xq: K = 192 must be a multiple of 128"),
+        ("xs_short", ShapeError, r"gemm_fp8: xs: expected \[4, 2\] .*got \[4, 1\]"),
+        ("xs_rows", ShapeError, r"gemm_fp8: xs: expected \[4, 2\]"),
+        ("ws_blocks", ShapeError, r"gemm_fp8: ws: expected \[1, 2\] .*got \[2, 2\]"),
+        ("ws_bf16", DTypeError, r"gemm_fp8: ws: expected float32 scales, got torch.bfloat16"),
+        ("wq_fnuz", DTypeError, r"gemm_fp8: wq: expected xq's fp8 dtype torch.float8_e4m3fn"),
+        ("xq_bf16", DTypeError, r"gemm_fp8: xq: expected float8_e4m3fn \| float8_e4m3fnuz, got torch.bfloat16"),
+        ("wq_k", ShapeError, r"gemm_fp8: wq: K = 128 differs from xq's K = 256"),
+        ("wq_3d", ShapeError, r"gemm_fp8: wq: expected \[N, K\], got shape \[1, 128, 256\]"),
+        ("out_int", DTypeError, r"gemm_fp8: out_dtype: expected bfloat16 \| float16 \| float32"),
+    ],
+)
+def test_rejects_operands_the_kernel_would_misread(
+    operands: tuple[torch.Tensor, ...], change: str, error: type[Exception], match: str
+) -> None:
+    """Attribute-only checks (no device read) of what the kernel assumes: each names its argument."""
+    xq, xs, wq, ws = operands  # M 4, N 128, K 256
+    kwargs: dict[str, object] = {}
+    if change == "k192":
+        xq, xs, wq, ws = _k192()
+    elif change == "xs_short":
+        xs = xs[:, :1]
+    elif change == "xs_rows":
+        xs = torch.ones(3, 2)
+    elif change == "ws_blocks":
+        ws = torch.ones(2, 2)
+    elif change == "ws_bf16":
+        ws = ws.bfloat16()
+    elif change == "wq_fnuz":
+        wq = wq.view(torch.uint8).view(torch.float8_e4m3fnuz)
+    elif change == "xq_bf16":
+        xq = xq.bfloat16()
+    elif change == "wq_k":
+        wq = wq[:, :128]
+    elif change == "wq_3d":
+        wq = wq[None]
+    elif change == "out_int":
+        kwargs["out_dtype"] = torch.int32
+    with pytest.raises(error, match=match) as info:
+        gemm.gemm_fp8(xq, xs, wq, ws, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, OpInputError)
+
+
 def test_rejects_cpu_tensors_without_the_interpreter(
     operands: tuple[torch.Tensor, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,7 +199,8 @@ def test_rejects_cpu_tensors_without_the_interpreter(
 def test_ops_and_compile_specs() -> None:
     assert gemm.OPS == {"gemm_fp8": gemm.gemm_fp8}
     specs = gemm.compile_specs("*fp8e4nv", {"gemm_fp8": {"BLOCK_M": 64, "num_stages": 3}})
-    assert {s.name for s in specs} == {"gemm_fp8[bf16 out]", "gemm_fp8[fp32 out]"}
+    assert [s.name for s in specs] == ["gemm_fp8[bf16 out]", "gemm_fp8[fp16 out]", "gemm_fp8[fp32 out]"]
+    assert [s.signature["out_ptr"] for s in specs] == ["*bf16", "*fp16", "*fp32"]
     for spec in specs:
         assert list(spec.signature) == list(spec.kernel.arg_names)
         assert spec.signature["x_ptr"] == spec.signature["w_ptr"] == "*fp8e4nv"

@@ -14,12 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hal.errors import OpInputError
+from hal.errors import DTypeError, LayoutError, OpInputError, ShapeError
 from hal.quant import quantize_fp8_blocks
 from hal_kernels import _common, grouped_gemm, quant
-from tests.kernels.conftest import reference
+from tests.kernels.conftest import FP8S, reference
 
-FP8S = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 SMALL = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}
 
@@ -37,6 +36,7 @@ def assert_gemm_close(out: torch.Tensor, want: torch.Tensor) -> None:
     assert out.dtype == want.dtype and out.shape == want.shape and out.is_contiguous()
     atol = 1e-5 * float(want.float().abs().max().clamp(min=1e-30)) if want.numel() else 0.0
     torch.testing.assert_close(out.float(), want.float(), rtol=RTOL[want.dtype], atol=atol)
+
 
 # (rows of each expert, padding rows after them): ragged, tile-aligned, empty experts, one row, all padding.
 CONTIGUOUS = [
@@ -100,7 +100,7 @@ def test_contiguous_int64_offsets_and_out_dtype(out_dtype: torch.dtype) -> None:
     assert_gemm_close(out, reference(grouped_gemm, "grouped_gemm")(x, w, offsets, out_dtype=out_dtype))
 
 
-@pytest.mark.parametrize("fp8_dtype", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("fp8_dtype", FP8S)
 @pytest.mark.parametrize(("counts", "padding"), CONTIGUOUS, ids=CONTIGUOUS_IDS)
 def test_contiguous_fp8(counts: list[int], padding: int, fp8_dtype: torch.dtype) -> None:
     torch.manual_seed(len(counts) * 100 + padding + 1)
@@ -148,7 +148,7 @@ def test_masked(masked: list[int], max_m: int, dtype: torch.dtype) -> None:
     assert_gemm_close(out, reference(grouped_gemm, "grouped_gemm_masked")(x, w, masked_m))
 
 
-@pytest.mark.parametrize("fp8_dtype", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("fp8_dtype", FP8S)
 @pytest.mark.parametrize(("masked", "max_m"), MASKED, ids=MASKED_IDS)
 def test_masked_fp8(masked: list[int], max_m: int, fp8_dtype: torch.dtype) -> None:
     torch.manual_seed(len(masked) * 100 + max_m + 1)
@@ -173,14 +173,65 @@ def test_masked_fp32_out() -> None:
     assert_gemm_close(out, want)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Index tensors past the rows: clamped on the device, never read or written out of bounds
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_masked_m_past_max_m_is_clamped(fp8: bool, bounds_checked: list[str]) -> None:
+    """``masked_m = [9, 1]`` with ``max_m = 4``: expert 0 computes its 4 rows (not 9, which would read
+    expert 1's slab and, for the last expert, past the tensor); the result is the reference's with
+    ``masked_m`` clamped to ``max_m``."""
+    torch.manual_seed(31)
+    e, max_m, n, k = 2, 4, 24, 128
+    masked_m = torch.tensor([9, 1], dtype=torch.int64)
+    clamped = masked_m.clamp(max=max_m)
+    w = torch.randn(e, n, k)
+    x = torch.randn(e, max_m, k)
+    if fp8:
+        xq, xs = _fp8(x, torch.float8_e4m3fn)
+        wq, ws = quantize_fp8_blocks(w)
+        out = grouped_gemm.grouped_gemm_fp8_masked(xq, xs, wq, ws, masked_m, config={"BLOCK_M": 16, "BLOCK_N": 32})
+        want = reference(grouped_gemm, "grouped_gemm_fp8_masked")(xq, xs, wq, ws, clamped)
+    else:
+        x, w = x.bfloat16(), w.bfloat16()
+        out = grouped_gemm.grouped_gemm_masked(x, w, masked_m, config={"BLOCK_M": 16, "BLOCK_N": 32})
+        want = reference(grouped_gemm, "grouped_gemm_masked")(x, w, clamped)
+    assert not bounds_checked
+    assert_gemm_close(out, want)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_offsets_past_m_are_clamped(fp8: bool, bounds_checked: list[str]) -> None:
+    """Offsets beyond ``M`` (a corrupt or oversized table: ``[0, 5, 40, 90]`` for 12 rows) are clamped to
+    ``M`` on the device: the experts own rows ``0:5``, ``5:12`` and none, nothing is padding, and no access
+    leaves x or out."""
+    torch.manual_seed(32)
+    m, n, k = 12, 24, 128
+    offsets = torch.tensor([0, 5, 40, 90], dtype=torch.int64)
+    clamped = offsets.clamp(max=m)
+    x = torch.randn(m, k)
+    w = torch.randn(3, n, k)
+    if fp8:
+        xq, xs = _fp8(x, torch.float8_e4m3fn)
+        wq, ws = quantize_fp8_blocks(w)
+        out = grouped_gemm.grouped_gemm_fp8(xq, xs, wq, ws, offsets, config={"BLOCK_M": 16, "BLOCK_N": 32})
+        want = reference(grouped_gemm, "grouped_gemm_fp8")(xq, xs, wq, ws, clamped)
+    else:
+        x, w = x.bfloat16(), w.bfloat16()
+        out = grouped_gemm.grouped_gemm(x, w, offsets, config={"BLOCK_M": 16, "BLOCK_N": 32})
+        want = reference(grouped_gemm, "grouped_gemm")(x, w, clamped)
+    assert not bounds_checked
+    assert_gemm_close(out, want)
+
+
 def test_default_configs_run() -> None:
     torch.manual_seed(24)
     x = torch.randn(5, 64)
     w = torch.randn(2, 24, 64)
     offsets = _offsets([2, 3], torch.int32)
-    assert_gemm_close(
-        grouped_gemm.grouped_gemm(x, w, offsets), reference(grouped_gemm, "grouped_gemm")(x, w, offsets)
-    )
+    assert_gemm_close(grouped_gemm.grouped_gemm(x, w, offsets), reference(grouped_gemm, "grouped_gemm")(x, w, offsets))
     xq, xs = _fp8(torch.randn(2, 3, 128), torch.float8_e4m3fn)
     wq, ws = quantize_fp8_blocks(torch.randn(2, 24, 128))
     masked_m = torch.tensor([3, 1])
@@ -215,6 +266,38 @@ def test_rejects_fp8_k_block_past_the_scale_block() -> None:
         grouped_gemm.grouped_gemm_fp8_masked(xq, xs, wq, ws, torch.tensor([4, 4]), config={"BLOCK_K": 256})
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["contiguous", "masked"])
+def test_fp8_launchers_check_their_operands(masked: bool) -> None:
+    """K not a multiple of 128, scales of the wrong shape or dtype, mixed fp8 formats: each an error naming
+    the argument, before any launch (attribute checks only)."""
+    e, m, n, k = 2, 4, 16, 256
+    lead = (e, m) if masked else (m,)
+    xq = torch.zeros(*lead, k, dtype=torch.float8_e4m3fn)
+    xs = torch.ones(*lead, k // 128)
+    wq = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
+    ws = torch.ones(e, 1, k // 128)
+    index = torch.tensor([m, m]) if masked else torch.tensor([0, 2, m])
+    op = grouped_gemm.grouped_gemm_fp8_masked if masked else grouped_gemm.grouped_gemm_fp8
+    name = "grouped_gemm_fp8_masked" if masked else "grouped_gemm_fp8"
+    x192 = torch.zeros(*lead, 192, dtype=torch.float8_e4m3fn)
+    xs192 = torch.ones(*lead, 2)
+    w192 = torch.zeros(e, n, 192, dtype=torch.float8_e4m3fn)
+    with pytest.raises(LayoutError, match=rf"{name}: xq: K = 192 must be a multiple of 128"):
+        op(x192, xs192, w192, torch.ones(e, 1, 2), index)
+    with pytest.raises(ShapeError, match=rf"{name}: xs: expected"):
+        op(xq, xs[..., :1], wq, ws, index)
+    with pytest.raises(ShapeError, match=rf"{name}: ws: expected \[2, 1, 2\]"):
+        op(xq, xs, wq, ws[:1], index)
+    with pytest.raises(DTypeError, match=rf"{name}: xs: expected float32 scales"):
+        op(xq, xs.half(), wq, ws, index)
+    with pytest.raises(DTypeError, match=rf"{name}: wq: expected xq's fp8 dtype"):
+        op(xq, xs, wq.view(torch.uint8).view(torch.float8_e4m3fnuz), ws, index)
+    with pytest.raises(ShapeError, match=rf"{name}: wq: expected \[E, N, K\]"):
+        op(xq, xs, wq[0], ws, index)
+    with pytest.raises(ShapeError, match=rf"{name}: xq: expected"):
+        op(xq[0] if masked else xq[None], xs, wq, ws, index)
+
+
 def test_rejects_strided_k() -> None:
     x = torch.randn(64, 4).t()  # [4, 64] with K strided
     w, offsets = torch.randn(2, 16, 64), _offsets([2, 2], torch.int32)
@@ -237,17 +320,28 @@ def test_rejects_cpu_tensors_without_the_interpreter(monkeypatch: pytest.MonkeyP
 
 
 def test_ops_and_compile_specs() -> None:
-    assert set(grouped_gemm.OPS) == set(grouped_gemm.REFERENCE) == {
-        "grouped_gemm",
-        "grouped_gemm_masked",
-        "grouped_gemm_fp8",
-        "grouped_gemm_fp8_masked",
-    }
+    assert (
+        set(grouped_gemm.OPS)
+        == set(grouped_gemm.REFERENCE)
+        == set(grouped_gemm.DEFAULTS)
+        == {
+            "grouped_gemm",
+            "grouped_gemm_masked",
+            "grouped_gemm_fp8",
+            "grouped_gemm_fp8_masked",
+        }
+    )
     specs = grouped_gemm.compile_specs("*fp8e4b8", {"grouped_gemm_fp8": {"num_stages": 2}})
-    assert len(specs) == 4
+    assert len(specs) == 12
     for spec in specs:
         assert list(spec.signature) == list(spec.kernel.arg_names)
         assert set(spec.divisible_by_16) <= set(spec.signature)
         if "fp8" in spec.name:
             assert spec.signature["x_ptr"] == "*fp8e4b8"
-    assert next(s for s in specs if s.name.startswith("grouped_gemm_fp8[")).num_stages == 2
+    by_name = {s.name: s for s in specs}
+    assert by_name["grouped_gemm_fp8[bf16 out, i64 offsets]"].num_stages == 2
+    # What the model launches: int64 offsets (moe_permute's) and int64 masked_m (the absorbed decode's).
+    assert by_name["grouped_gemm[bf16, bf16 out, i64 offsets]"].signature["offsets_ptr"] == "*i64"
+    assert by_name["grouped_gemm_masked[bf16, bf16 out, i64 masked_m]"].signature["masked_m_ptr"] == "*i64"
+    assert by_name["grouped_gemm_masked[bf16, bf16 out, i32 masked_m]"].signature["masked_m_ptr"] == "*i32"
+    assert by_name["grouped_gemm[fp16, fp16 out, i64 offsets]"].signature["out_ptr"] == "*fp16"

@@ -141,6 +141,46 @@ def test_moe_route_strided_logits_and_no_tokens() -> None:
     assert empty_w.shape == empty_ids.shape == (0, 4)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, as meant
+@pytest.mark.parametrize(
+    ("e", "n_group", "topk_group", "top_k", "bias", "scoring"),
+    [
+        (64, 8, 3, 6, True, "sigmoid"),  # V3-like: groups and a bias
+        (48, 1, 1, 6, False, "softmax"),  # V2-Lite-like: no groups
+        (24, 4, 2, 3, False, "sigmoid"),
+    ],
+    ids=["grouped-bias-sigmoid", "ungrouped-softmax", "grouped-sigmoid"],
+)
+def test_moe_route_nan_rows_give_valid_ids(
+    e: int, n_group: int, topk_group: int, top_k: int, bias: bool, scoring: str, bounds_checked: list[str]
+) -> None:
+    """A router row of NaN (and one with a single NaN, and one with +inf) still gets ``top_k`` distinct ids
+    in ``[0, E)``, never the ``1 << 30`` a NaN comparison used to leave, and ``moe_permute`` of those ids
+    stays within its buffers. A NaN score counts as -inf: the rest of the row routes as the reference
+    does."""
+    gen = torch.Generator().manual_seed(e + top_k)
+    logits = torch.randn(4, e, generator=gen)
+    logits[0] = float("nan")
+    logits[1, 5] = float("nan")
+    logits[2, 7] = float("inf")
+    correction = torch.randn(e, generator=gen) * 0.1 if bias else None
+    kwargs = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, scoring_func=scoring)
+    weights, ids = moe.moe_route(logits, correction, **kwargs, config=ROUTE_CFG)
+    assert bool(((ids >= 0) & (ids < e)).all()), ids
+    assert all(len(set(row.tolist())) == top_k for row in ids)
+    assert torch.isnan(weights[0]).all()
+    # Row 3 is untouched: exactly the reference's routing.
+    ref_w, ref_ids = _sorted_by_id(*ROUTE(logits[3:], correction, **kwargs))
+    got_w, got_ids = _sorted_by_id(weights[3:], ids[3:])
+    assert torch.equal(got_ids, ref_ids)
+    torch.testing.assert_close(got_w, ref_w, rtol=2e-6, atol=1e-7)
+    x = torch.randn(4, 16, generator=gen)
+    perm = moe.moe_permute(x, ids, e, config=PERM_CFG)
+    assert not bounds_checked
+    assert int(perm.offsets[-1]) == ids.numel()
+    assert torch.equal(perm.order.sort().values, torch.arange(ids.numel()))
+
+
 # ---------------------------------------------------------------------------------------------------
 # moe_permute
 # ---------------------------------------------------------------------------------------------------
@@ -191,6 +231,29 @@ def test_moe_permute_repeated_experts_is_stable() -> None:
     want = PERMUTE(x, topk_ids, e)
     assert torch.equal(got.order, want.order) and torch.equal(got.offsets, want.offsets)
     assert torch.equal(got.x, want.x)
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32], ids=str)
+def test_moe_permute_ids_out_of_range_go_to_the_padding(ids_dtype: torch.dtype, bounds_checked: list[str]) -> None:
+    """Ids outside ``[0, E)`` (E, far past it, negative) never index the offsets: those copies are no
+    expert's, they come after every expert's rows (from ``offsets[E]`` on, where grouped_gemm writes
+    zeros) in flat order, and ``order`` is still a permutation, so ``moe_unpermute`` stays in bounds too."""
+    e = 4
+    topk_ids = torch.tensor([[0, 4], [2, 1 << 20], [-1, 2], [3, 0]], dtype=ids_dtype)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 20, generator=gen)
+    got = moe.moe_permute(x, topk_ids, e, config=PERM_CFG)
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < e)
+    by_expert = torch.nonzero(valid).flatten()[torch.sort(flat[valid], stable=True).indices]
+    want_order = torch.cat([by_expert, torch.nonzero(~valid).flatten()])
+    assert torch.equal(got.order, want_order)
+    counts = torch.bincount(flat[valid], minlength=e)
+    assert torch.equal(got.offsets, torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+    assert torch.equal(got.x, x[want_order // 2])
+    back = moe.moe_unpermute(got.x, got.order, torch.ones(4, 2), config=UNPERM_CFG)
+    assert not bounds_checked
+    torch.testing.assert_close(back, 2 * x)
 
 
 def test_moe_permute_default_config_and_strided_rows() -> None:
@@ -323,3 +386,10 @@ def test_compile_specs_cover_every_kernel() -> None:
     for s in specs:  # every kernel argument typed, every constexpr given a value
         assert list(s.signature) == s.kernel.arg_names
         assert {k for k, v in s.signature.items() if v == "constexpr"} == set(s.constexprs)
+    by_name = {s.name: s for s in specs}
+    # The routers DeepSeek V3, V2 and V2-Lite configure, and both index dtypes of every index pointer.
+    assert not by_name["moe_route[fp32 logits, softmax, no groups]"].constexprs["GROUPED"]
+    assert by_name["moe_route[fp32 logits, softmax, 8 groups of 20]"].constexprs["SOFTMAX"]
+    assert by_name["moe_permute.scatter[bf16 rows, i32 ids]"].signature["ids_ptr"] == "*i32"
+    assert by_name["moe_unpermute.invert[i32 order]"].signature["inv_ptr"] == "*i32"
+    assert by_name["moe_unpermute[bf16, i32 order]"].signature["inv_ptr"] == "*i32"

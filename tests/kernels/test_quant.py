@@ -10,6 +10,10 @@ fp32 → fp8 cast (a GPU has neither, so off the interpreter nothing is admitted
   ``x / scale`` lies halfway between the two, and the kernel's is the larger in magnitude;
 - results in the subnormal range are rounded at normal precision and then truncated: they may be
   one subnormal step off (e4m3fn: 2^-9, e4m3fnuz: 2^-10).
+
+e4m3fnuz has no -0: its sign bit alone, 0x80, is the format's NaN. The interpreter writes a negative
+value that its cast truncates to zero as 0x80; that is admitted only where the reference value is
+exactly 0 (anywhere else it is a NaN where a number belongs).
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import torch
 
 from hal.errors import OpInputError
 from hal_kernels import _common, quant
-from tests.kernels.conftest import reference
+from tests.kernels.conftest import FP8S, reference
 
-FP8S = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 # Interpreter programs are slow; 64 rows per program keeps each launch to a few programs.
 SMALL = {"BLOCK_M": 64}
@@ -39,8 +42,15 @@ def assert_fp8_matches(got: torch.Tensor, want: torch.Tensor, quotients: torch.T
     g, w = got.float(), want.float()
     if _common.INTERPRETING and got.dtype == torch.float8_e4m3fnuz:
         # The interpreter's conversion knows no special values: a negative result truncated to zero
-        # is written as sign bit alone, 0x80, which e4m3fnuz reads as its NaN. Read it as the -0 it is.
-        g = torch.where(got.view(torch.uint8) == 0x80, -0.0, g)
+        # is written as sign bit alone, 0x80, which e4m3fnuz reads as its NaN. That is the -0 it meant
+        # only where the reference is exactly zero; anywhere else it is a NaN for a number.
+        nan_bits = got.view(torch.uint8) == 0x80
+        wrong = nan_bits & (w != 0)
+        assert not wrong.any(), (
+            f"{int(wrong.sum())} e4m3fnuz values are 0x80 (NaN) where the reference is not zero, "
+            f"e.g. where it is {w[wrong][:5].tolist()}"
+        )
+        g = torch.where(nan_bits, w, g)
     differ = g != w
     if _common.INTERPRETING:
         fin = torch.finfo(want.dtype)
@@ -63,7 +73,7 @@ def _check(x: torch.Tensor, group_size: int, fp8_dtype: torch.dtype, config: dic
     assert_fp8_matches(xq, want_q, _quotients(x, want_s, group_size, fp8_dtype))
 
 
-@pytest.mark.parametrize("fp8_dtype", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("fp8_dtype", FP8S)
 @pytest.mark.parametrize("dtype", FLOATS, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize(("m", "k"), [(1, 128), (37, 300), (70, 256)], ids=lambda v: str(v))
 def test_matches_reference(m: int, k: int, dtype: torch.dtype, fp8_dtype: torch.dtype) -> None:
@@ -73,7 +83,7 @@ def test_matches_reference(m: int, k: int, dtype: torch.dtype, fp8_dtype: torch.
     _check(x, 128, fp8_dtype)
 
 
-@pytest.mark.parametrize("fp8_dtype", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("fp8_dtype", FP8S)
 @pytest.mark.parametrize(("group_size", "k"), [(64, 200), (96, 200), (128, 7168), (512, 300)], ids=lambda v: str(v))
 def test_group_sizes(group_size: int, k: int, fp8_dtype: torch.dtype) -> None:
     """Other group sizes (a power of two or not, larger than K), ragged last groups, DeepSeek's K."""
@@ -82,7 +92,7 @@ def test_group_sizes(group_size: int, k: int, fp8_dtype: torch.dtype) -> None:
     _check(x, group_size, fp8_dtype)
 
 
-@pytest.mark.parametrize("fp8_dtype", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("fp8_dtype", FP8S)
 def test_zero_groups_and_extremes(fp8_dtype: torch.dtype) -> None:
     """All-zero groups get the floored scale 1e-4 / fp8_max and zero values; huge and tiny groups."""
     torch.manual_seed(7)
@@ -145,7 +155,21 @@ def test_rejects_cpu_tensors_without_the_interpreter(monkeypatch: pytest.MonkeyP
 def test_ops_and_compile_specs() -> None:
     assert quant.OPS == {"quantize_fp8": quant.quantize_fp8}
     specs = quant.compile_specs("*fp8e4b8", {"quantize_fp8": {"BLOCK_M": 32}})
-    assert specs and all(s.signature["q_ptr"] == "*fp8e4b8" for s in specs)
+    assert [s.name for s in specs] == ["quantize_fp8[bf16 in]", "quantize_fp8[fp16 in]", "quantize_fp8[fp32 in]"]
+    assert [s.signature["x_ptr"] for s in specs] == ["*bf16", "*fp16", "*fp32"]
+    assert all(s.signature["q_ptr"] == "*fp8e4b8" and s.constexprs["FNUZ"] for s in specs)
     assert all(s.constexprs["BLOCK_M"] == 32 and s.constexprs["FP8_MAX"] == 240.0 for s in specs)
     with pytest.raises(OpInputError, match="unknown keys"):
         quant.compile_specs("*fp8e4nv", {"quantize_fp8": {"BLOCK_Q": 1}})
+
+
+def test_fp8_checker_admits_0x80_only_for_a_zero_reference() -> None:
+    """``assert_fp8_matches`` itself: e4m3fnuz's NaN byte passes for a reference 0 (the interpreter's -0)
+    and fails anywhere else, even one subnormal step away."""
+    want = torch.tensor([0.0, -0.0009765625, 1.0], dtype=torch.float8_e4m3fnuz)  # 0, -2^-10, 1
+    got = want.clone()
+    got.view(torch.uint8)[0] = 0x80
+    assert_fp8_matches(got, want, want.float())
+    got.view(torch.uint8)[1] = 0x80
+    with pytest.raises(AssertionError, match=r"0x80 \(NaN\) where the reference is not zero"):
+        assert_fp8_matches(got, want, want.float())

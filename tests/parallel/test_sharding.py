@@ -6,6 +6,8 @@ not divide, ``--tp`` without torchrun)."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from hal.model.parallel import (
     Split,
     init_parallel,
     local_shapes,
+    quantized_to_fp8,
     shard_state_dict,
     shard_weight,
     split_for,
@@ -246,3 +249,113 @@ def test_loader_shards_fp8_checkpoints_and_quantize_at_load(tmp_path: Path) -> N
         whole8 = load_weights(plain, cfg, quantize="int8", progress=False)
         got8 = load_weights(plain, cfg, quantize="int8", progress=False, parallel=par)
         assert all(_same(got8[k], v) for k, v in shard_state_dict(whole8, cfg, par).items())
+
+
+def test_ep_without_routed_experts_is_refused_unless_tp_splits() -> None:
+    ep_only = ParallelConfig.create(1, 2, rank=0, world_size=2)
+    with pytest.raises(ParallelError, match=r"--ep 2: the model has no routed experts .* every rank would run"):
+        ep_only.check(tiny_config(n_routed_experts=0))
+    with pytest.raises(ParallelError, match=r"--ep 2: every layer is dense \(first_k_dense_replace 4 >= "):
+        ep_only.check(tiny_config(first_k_dense_replace=4))
+    ParallelConfig.create(2, 2, rank=0, world_size=2).check(tiny_config(first_k_dense_replace=4))  # tp splits
+
+
+def test_fp8_alignment_is_checked_from_the_config_alone() -> None:
+    tp2 = ParallelConfig.create(2, 1, rank=1, world_size=2)
+    # The tiny model's o_proj (4 heads x 32 = 128 columns) and expert intermediate (128) are one block each.
+    with pytest.raises(ParallelError, match=r"--tp 2 with FP8 weights: .*o_proj\.weight columns \(128\)") as err:
+        tp2.check(tiny_config(), fp8=quantized_to_fp8)
+    assert "128 is a single 128-block, so no --tp above 1 splits it" in str(err.value)
+    assert "model.layers.*.mlp.experts.*.down_proj.weight columns (128)" in str(err.value)
+    tp2.check(tiny_config())  # without FP8 weights every split is fine
+    ParallelConfig.create(1, 2, rank=0, world_size=2).check(tiny_config(), fp8=quantized_to_fp8)  # nothing split
+    aligned = ModelConfig.from_dict(ALIGNED_RAW)
+    tp2.check(aligned, fp8=quantized_to_fp8)
+    with pytest.raises(ParallelError, match=r"o_proj\.weight columns \(256\).*only a --tp that divides 2 \(2\)"):
+        ParallelConfig.create(4, 1, rank=0, world_size=4).check(aligned, fp8=quantized_to_fp8)
+    # Only the weights said to be FP8 count (an FP8 checkpoint's own list).
+    tp2.check(tiny_config(), fp8=lambda name, shape: name.endswith("q_b_proj.weight"))
+    # A misaligned cut found while sharding says the same.
+    w = quantize_linear(torch.randn(128, 128), "fp8")
+    assert isinstance(w, Fp8Weight)
+    with pytest.raises(ParallelError, match=r"no --tp above 1 splits it on block boundaries\. Run with --tp 1"):
+        shard_weight("o_proj.weight", w, Split(1, 64, 128, 2))
+
+
+def test_a_group_must_match_the_layout() -> None:
+    with pytest.raises(ParallelError, match=r"a group was given, but torch\.distributed is not initialized"):
+        ParallelConfig(tp=2, rank=0, group=object())
+
+
+@pytest.fixture
+def two_ranks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """torchrun's RANK / WORLD_SIZE without a rendezvous address: hal run gets as far as its own checks,
+    and a run that passes them fails in hal.distributed.init without waiting."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    hal_logger = logging.getLogger("hal")
+    level = hal_logger.level
+    yield
+    hal_logger.setLevel(level)  # rank 1 quiets it
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--tp", "2", "--quantize", "fp8"], "--tp 2 with FP8 weights: "),
+        (["--tp", "2", "--metrics-port", "9"], "--metrics-port: serving metrics run in one process"),
+        (["--ep", "2", "--quantize", "int8", "--dequantize-fp8"], "--dequantize-fp8: loads an FP8 checkpoint"),
+        (["--tp", "2", "--top-p", "0"], "generate: top_p must lie in (0, 1]"),
+        (["--tp", "3"], "--tp 3 on 2 process(es)"),
+        (["--tp", "2", "--prompt-ids", "1,2;3,5000"], "generate: prompt 1: token ids must lie in [0, 1024)"),
+    ],
+)
+def test_hal_run_checks_before_the_rendezvous_and_rank_0_alone_says_it(
+    args: list[str], match: str, two_ranks: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--backend", "cpu", "-q", *args]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"hal run: error: rank 0/2: {match}") and err.count("error:") == 1, err
+    monkeypatch.setenv("RANK", "1")
+    assert main(["run", "--backend", "cpu", "-q", *args]) == 1
+    assert capsys.readouterr() == ("", "")  # the same error on every rank: said once, by rank 0
+
+
+def test_hal_run_checks_an_fp8_checkpoint_before_the_rendezvous(
+    tmp_path: Path, two_ranks: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    narrow = {**ALIGNED_RAW, "v_head_dim": 32}  # o_proj: 4 heads x 32 = 128 columns, one FP8 block
+    save_fp8_checkpoint(random_state_dict(ModelConfig.from_dict(narrow), seed=0), narrow, tmp_path / "narrow")
+    assert main(["run", "--backend", "cpu", "-q", "--model", str(tmp_path / "narrow"), "--tp", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hal run: error: rank 0/2: --tp 2 with FP8 weights: ") and "o_proj.weight columns" in err
+    aligned = ModelConfig.from_dict(ALIGNED_RAW)
+    save_fp8_checkpoint(random_state_dict(aligned, seed=0), ALIGNED_RAW, tmp_path / "aligned")
+    assert main(["run", "--backend", "cpu", "-q", "--model", str(tmp_path / "aligned"), "--tp", "2"]) == 1
+    err = capsys.readouterr().err  # past every check: the rendezvous is what fails here (no MASTER_ADDR)
+    assert err.startswith("hal run: error: rank 0/2: distributed.init: the environment lacks LOCAL_RANK"), err
+
+
+def test_bind_local_device_binds_the_accelerator_torch_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hal.distributed as hd
+    from hal.errors import CollectiveError
+
+    bound: list[tuple[str, int]] = []
+    monkeypatch.setattr(hd, "_bind_device", lambda kind, local: bound.append((kind, local)))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert hd.bind_local_device() is None  # not under torchrun
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(CollectiveError, match="LOCAL_RANK must be an integer"):
+        hd.bind_local_device()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert hd.bind_local_device() is None and bound == []  # a CPU-only machine
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    assert hd.bind_local_device() == "cuda" and bound == [("cuda", 1)]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(CollectiveError, match=r"LOCAL_RANK 2 but this process sees 2 cuda device"):
+        hd.bind_local_device()

@@ -6,6 +6,10 @@ costs seconds: for each, every rank builds the same seeded full weights and keep
 the logits of a prefill and of a few decode steps with fixed tokens, plus the greedy tokens of a short
 generation, to ``OUT_DIR/{layout}-rank{rank}.safetensors``. The test imports this file too, to compute
 the same tensors in one process (:func:`run`) and compare.
+
+Besides the plain layouts: FP8 weights under tensor and under expert parallelism, a one-token batch
+(fewer tokens than ranks: rank 1's expert-parallel chunk is empty at every step), and the expanded
+(non-absorbed) MLA decode under tensor parallelism.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.distributed
 from safetensors.torch import save_file
 
 import hal
@@ -25,13 +31,33 @@ from hal.model.loader import load_model, quantize_linear
 from hal.model.parallel import ParallelConfig, shard_state_dict
 from hal.model.weights import Weight, is_linear
 
-#: layout → (tp, ep, quantize).
-LAYOUTS: dict[str, tuple[int, int, str | None]] = {
-    "tp2": (2, 1, None),
-    "ep2": (1, 2, None),
-    "tp2-ep2": (2, 2, None),
-    "tp2-fp8": (2, 1, "fp8"),
-    "ckpt-tp2-ep2": (2, 2, None),
+#: Prompts of different lengths (a packed prefill, a ragged decode); the fixed tokens of each decode step.
+PROMPTS = [[1, 17, 300, 42, 7], [900, 5, 5, 64, 128, 3, 77, 1000, 12, 9, 31], [2, 4]]
+DECODE_TOKENS = [[11, 12, 13], [500, 600, 700], [8, 1, 1023]]
+#: One sequence of one token: every step has fewer tokens than ranks.
+ONE_TOKEN, ONE_TOKEN_DECODE = [[5]], [[7], [8]]
+NEW_TOKENS = 6
+
+
+class Layout(NamedTuple):
+    tp: int
+    ep: int
+    quantize: str | None = None
+    prompts: list[list[int]] = PROMPTS
+    decode_tokens: list[list[int]] = DECODE_TOKENS
+    absorbed: bool = True  # the decode steps' MLA form (generate() always absorbs)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "tp2": Layout(2, 1),
+    "ep2": Layout(1, 2),
+    "tp2-ep2": Layout(2, 2),
+    "tp2-fp8": Layout(2, 1, "fp8"),
+    "ep2-fp8": Layout(1, 2, "fp8"),
+    "ep2-one-token": Layout(1, 2, prompts=ONE_TOKEN, decode_tokens=ONE_TOKEN_DECODE),
+    "tp2-ep2-one-token": Layout(2, 2, prompts=ONE_TOKEN, decode_tokens=ONE_TOKEN_DECODE),
+    "tp2-expanded": Layout(2, 1, absorbed=False),
+    "ckpt-tp2-ep2": Layout(2, 2),
 }
 #: A small checkpoint's config (written by the test with :func:`write_checkpoint`).
 CKPT_RAW = {
@@ -41,10 +67,6 @@ CKPT_RAW = {
     "q_lora_rank": None, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
     "max_position_embeddings": 512, "tie_word_embeddings": True,
 }  # fmt: skip
-#: Prompts of different lengths (a packed prefill, a ragged decode); the fixed tokens of each decode step.
-PROMPTS = [[1, 17, 300, 42, 7], [900, 5, 5, 64, 128, 3, 77, 1000, 12, 9, 31], [2, 4]]
-DECODE_TOKENS = [[11, 12, 13], [500, 600, 700], [8, 1, 1023]]
-NEW_TOKENS = 6
 
 
 def config(quantize: str | None) -> ModelConfig:
@@ -74,7 +96,7 @@ def build(layout: str, backend: hal.Backend, par: ParallelConfig | None, ckpt: P
     if layout.startswith("ckpt-"):
         assert ckpt is not None
         return load_model(ckpt, backend, progress=False, parallel=par)
-    quantize = LAYOUTS[layout][2]
+    quantize = LAYOUTS[layout].quantize
     cfg = config(quantize)
     weights: dict[str, Weight] = dict(random_state_dict(cfg, seed=0))
     if quantize is not None:  # as hal run --quantize does it: the whole weights, before sharding
@@ -86,14 +108,15 @@ def build(layout: str, backend: hal.Backend, par: ParallelConfig | None, ckpt: P
     return DeepseekModel(cfg, backend, weights, parallel=par)
 
 
-def run(model: DeepseekModel) -> dict[str, torch.Tensor]:
+def run(model: DeepseekModel, layout: str) -> dict[str, torch.Tensor]:
     """Prefill logits, one set of logits per decode step, the greedy tokens, the linear weights' bytes."""
+    case = LAYOUTS[layout]
     cache = model.new_cache(8)
-    ids = list(range(len(PROMPTS)))
-    out = {"prefill": model.prefill(cache, ids, PROMPTS)}
-    for step, tokens in enumerate(DECODE_TOKENS):
-        out[f"decode{step}"] = model.decode(cache, ids, tokens)
-    result = generate(model, PROMPTS, max_new_tokens=NEW_TOKENS)
+    ids = list(range(len(case.prompts)))
+    out = {"prefill": model.prefill(cache, ids, case.prompts)}
+    for step, tokens in enumerate(case.decode_tokens):
+        out[f"decode{step}"] = model.decode(cache, ids, tokens, absorbed=case.absorbed)
+    result = generate(model, case.prompts, max_new_tokens=NEW_TOKENS)
     out["greedy"] = torch.tensor(result.tokens)
     out["weight_bytes"] = torch.tensor([model.linear_weight_bytes])
     return out
@@ -106,9 +129,11 @@ def main(out_dir: str, ckpt: str) -> None:
     backend = hal.get_backend("cpu")
     info = hal.distributed.init(backend, timeout_s=60)
     try:
-        for layout, (tp, ep, _) in LAYOUTS.items():
-            par = ParallelConfig.create(tp, ep, rank=info.rank, world_size=info.world_size)
-            tensors = run(build(layout, backend, par, Path(ckpt)))
+        for layout, case in LAYOUTS.items():
+            # One layout names its group (checked against the layout), the others use the default one.
+            group = torch.distributed.group.WORLD if layout == "tp2-ep2" else None
+            par = ParallelConfig.create(case.tp, case.ep, rank=info.rank, world_size=info.world_size, group=group)
+            tensors = run(build(layout, backend, par, Path(ckpt)), layout)
             save_file(tensors, str(Path(out_dir) / f"{layout}-rank{info.rank}.safetensors"))
     finally:
         hal.distributed.shutdown()

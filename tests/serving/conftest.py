@@ -24,6 +24,11 @@ def cpu_registry() -> hal.Registry:
     return hal.Registry(entry_points=False, plugins=[("cpu", hal_cpu)])
 
 
+#: Failover candidates of the tests: ``flaky`` first, then ``cpu``, named (the reference backend is never a
+#: default candidate).
+FLAKY_THEN_CPU = ("flaky", "cpu")
+
+
 def flaky_registry(fail_after: int | None) -> tuple[hal.Registry, FaultInjectionPlugin]:
     """``cpu`` plus ``flaky`` (priority 10, so selected first): cpu's ops, failing after ``fail_after``
     compute ops like a lost device. An explicit registry: nothing global is touched."""
@@ -75,13 +80,19 @@ class Call:
 
 
 class RecordingModel:
-    """Wraps a model; records every ``prefill`` / ``decode`` call (thread-safe to read)."""
+    """Wraps a model; records every ``prefill`` / ``decode`` call (thread-safe to read).
 
-    def __init__(self, inner: Any, *, fail_on_decode: int | None = None) -> None:
+    :param fail_on_decode: raise a (non-device) RuntimeError on this decode call (1-based).
+    :param gate: when given, every model call waits for it to be set (at most 60 s), so a test can hold
+        the scheduler inside a call.
+    """
+
+    def __init__(self, inner: Any, *, fail_on_decode: int | None = None, gate: threading.Event | None = None) -> None:
         self.inner = inner
         self.calls: list[Call] = []
         self._lock = threading.Lock()
-        self.fail_on_decode = fail_on_decode  # raise a (non-device) RuntimeError on this decode call
+        self.fail_on_decode = fail_on_decode
+        self.gate = gate
         self._decodes = 0
         self._seen: set[Hashable] = set()
 
@@ -101,6 +112,8 @@ class RecordingModel:
             in_cache = sum(1 for s in self._seen if s in cache)
             self.calls.append(Call(kind, tuple(seq_ids), in_cache, cache.num_used_blocks))
             self._seen.update(seq_ids)
+        if self.gate is not None and not self.gate.wait(60):
+            raise RuntimeError("RecordingModel: the test never opened the gate")
 
     def prefill(self, cache: PagedKVCache, seq_ids: Sequence[Hashable], prompts: Sequence[Sequence[int]]) -> Any:
         self._record("prefill", cache, seq_ids)

@@ -1,5 +1,5 @@
 """hal.AutoBatcher: concurrent submissions equal one-at-a-time greedy runs; batching windows; continuous
-batching; back-pressure on a full KV cache; errors, cancellation and closing."""
+batching; back-pressure on a full KV cache; errors, cancellation and closing; generate_batched."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import hal
 from hal.model import DeepseekModel
 from hal.model.generate import GenerationError, generate
-from hal.serving import BatcherClosedError, Request, RequestResult, RequestTooLargeError
+from hal.model.parallel import ParallelConfig
+from hal.serving import BatcherClosedError, Request, RequestResult, RequestTooLargeError, generate_batched
 from tests.serving.conftest import RecordingModel, one_at_a_time, prompts_for
 
 
@@ -187,12 +188,78 @@ def test_close_drains_then_refuses_and_can_cancel_queued_requests(model: Deepsee
     with pytest.raises(BatcherClosedError):
         batcher.submit(prompts[2], 3)
 
-    batcher = hal.AutoBatcher(model, max_batch_size=1, timeout_ms=0, num_blocks=4)
+    gate = threading.Event()  # holds the scheduler inside request 0's prefill until the queue is cancelled
+    batcher = hal.AutoBatcher(RecordingModel(model, gate=gate), max_batch_size=1, timeout_ms=0, num_blocks=4)
     futures = [batcher.submit(p, 20) for p in prompts]
     deadline = time.monotonic() + 30
     while batcher.stats().running == 0 and time.monotonic() < deadline:
         time.sleep(0.001)
-    batcher.close(cancel_pending=True)  # the running request finishes; the queued ones are cancelled
-    assert futures[0].result(timeout=0).tokens == one_at_a_time(model, prompts[:1], [20])[0]
+    assert batcher.stats().running == 1 and batcher.stats().waiting == 3
+    batcher.close(wait=False, cancel_pending=True)  # the queued ones are cancelled ...
     assert all(f.cancelled() for f in futures[1:])
-    assert batcher.stats().cancelled == sum(f.cancelled() for f in futures)
+    gate.set()
+    batcher.close()  # ... and the running one finishes
+    assert futures[0].result(timeout=0).tokens == one_at_a_time(model, prompts[:1], [20])[0]
+    assert batcher.stats().cancelled == 3 and batcher.stats().finished == 1
+
+
+def test_futures_are_resolved_with_the_batcher_lock_released(model: DeepseekModel) -> None:
+    gate = threading.Event()
+    batcher = hal.AutoBatcher(RecordingModel(model, gate=gate), max_batch_size=1, timeout_ms=0, num_blocks=4)
+    running, queued = batcher.submit([1, 2, 3], 2), batcher.submit([4, 5, 6], 2)
+    seen: list[bool] = []
+
+    def from_another_thread(_: Future[RequestResult]) -> None:
+        # A done-callback that needs the batcher from another thread (a web server's event loop, say): it
+        # only gets it if the future was resolved with the batcher's lock released.
+        t = threading.Thread(target=batcher.stats)
+        t.start()
+        t.join(timeout=5)
+        seen.append(not t.is_alive())
+
+    queued.add_done_callback(from_another_thread)
+    running.add_done_callback(from_another_thread)
+    deadline = time.monotonic() + 30
+    while batcher.stats().running == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    batcher.close(wait=False, cancel_pending=True)
+    gate.set()
+    batcher.close()
+    assert queued.cancelled() and len(running.result(timeout=0).tokens) == 2
+    assert seen == [True, True]
+
+
+def test_process_raises_the_first_error_only_once_every_request_has_ended(model: DeepseekModel) -> None:
+    prompt = prompts_for(1, model.cfg.vocab_size)[0]
+    with hal.AutoBatcher(model, max_batch_size=4, timeout_ms=0, num_blocks=2) as batcher:
+        with pytest.raises(RequestTooLargeError):  # request 0 fails at once; request 1 runs 40 steps
+            batcher.process([Request(list(range(100)), 60), Request(prompt, 40)])
+        stats = batcher.stats()
+        assert stats.running == 0 and stats.waiting == 0 and stats.finished == 1 and stats.rejected == 1
+
+
+def test_a_tensor_or_expert_parallel_model_is_refused(model: DeepseekModel) -> None:
+    for par in (ParallelConfig(tp=2), ParallelConfig(ep=2), ParallelConfig(tp=2, ep=2, rank=1)):
+        parallel = RecordingModel(model)
+        parallel.par = par  # type: ignore[attr-defined]  # what DeepseekModel(parallel=...) carries
+        with pytest.raises(ValueError, match=r"tensor/expert parallel \(tp=\d, ep=\d\).*different batches"):
+            hal.AutoBatcher(parallel, num_blocks=2)
+    one = RecordingModel(model)
+    one.par = ParallelConfig()  # type: ignore[attr-defined]  # tp = ep = 1: one process, served
+    with hal.AutoBatcher(one, num_blocks=2) as batcher:
+        assert len(batcher.submit([1, 2], 2).result(timeout=30).tokens) == 2
+
+
+def test_generate_batched_gives_generate_s_tokens_greedy_and_sampled(model: DeepseekModel) -> None:
+    prompts = prompts_for(5, model.cfg.vocab_size, seed=12)
+    greedy = generate(model, prompts, max_new_tokens=7)
+    eos = greedy.tokens[2][3]  # one sequence stops early, so the batch shrinks mid-way
+    for kwargs in (
+        {"eos_token_ids": [eos]},
+        {"temperature": 0.9, "top_p": 0.8, "seed": 5, "eos_token_ids": [eos]},
+    ):
+        expected = generate(model, prompts, max_new_tokens=7, **kwargs)
+        batched = generate_batched(model, prompts, max_new_tokens=7, **kwargs)
+        assert batched.tokens == expected.tokens, kwargs
+        assert batched.finish_reasons == expected.finish_reasons
+        assert batched.prefill_tokens == expected.prefill_tokens and batched.decode_tokens == expected.decode_tokens

@@ -1,10 +1,12 @@
 """Failover: a fault-injection backend (``cpu``'s ops, failing after N calls) loses its device mid-generation;
-the batcher rebuilds the model on ``cpu`` and resumes every request with unchanged greedy tokens."""
+the batcher rebuilds the model on ``cpu`` (named as a candidate) and resumes every request with unchanged
+greedy tokens; no future is ever left waiting; which errors count as device errors."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from hal.serving import (
     Request,
     is_device_error,
 )
-from tests.serving.conftest import cpu_registry, flaky_registry, one_at_a_time, prompts_for
+from tests.serving.conftest import FLAKY_THEN_CPU, cpu_registry, flaky_registry, one_at_a_time, prompts_for
 
 
 def ops_per_run(cfg: ModelConfig, weights: dict[str, Any], requests: list[Request], **kwargs: Any) -> int:
@@ -47,13 +49,16 @@ def test_a_device_failure_mid_decode_fails_over_and_greedy_tokens_are_unchanged(
 
     registry, flaky = flaky_registry(total // 2)  # the device dies half-way through the work
     book = HealthBook()
-    failover = Failover(lambda be: DeepseekModel(cfg, be, weights), registry=registry, book=book)
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, backends=FLAKY_THEN_CPU, book=book
+    )
     start = failover.build()
     assert start.backend.name == "flaky"
     with caplog.at_level(logging.WARNING, logger="hal.serving"):
         with hal.AutoBatcher(start, failover=failover, metrics=True, **kwargs) as batcher:
             results = batcher.process(requests)
             events = batcher.failovers
+            stats = batcher.stats()
             exposition = batcher.metrics.exposition() if batcher.metrics else ""
             assert batcher.backend.name == "cpu"
 
@@ -67,6 +72,10 @@ def test_a_device_failure_mid_decode_fails_over_and_greedy_tokens_are_unchanged(
     assert (event.from_backend, event.to_backend) == ("flaky", "cpu")
     assert "DeviceFailure" in event.error and "injected device failure" in event.error
     assert event.resumed_requests == len(moved) and event.resumed_tokens > 0
+    # Re-prefilled tokens are counted apart: prefill_tokens stays the prompts' (each prefilled once).
+    assert stats.reprefill_tokens == event.resumed_tokens and stats.prefill_tokens == sum(len(p) for p in prompts)
+    assert f"hal_failover_reprefill_tokens_total {float(event.resumed_tokens)}" in exposition
+    assert stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0
     # The time to recover is measured, logged and exported.
     assert 0 < event.rebuild_seconds < event.recovery_seconds < 30
     assert event.recovery_seconds == pytest.approx(event.rebuild_seconds + event.resume_seconds)
@@ -84,13 +93,35 @@ def test_a_failure_during_the_first_prefill_is_resumed_too(
     cfg: ModelConfig, weights: dict[str, Any], model: DeepseekModel
 ) -> None:
     registry, flaky = flaky_registry(5)  # inside the very first prefill: no request has a token yet
-    failover = Failover(lambda be: DeepseekModel(cfg, be, weights), registry=registry, book=HealthBook())
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, backends=FLAKY_THEN_CPU, book=HealthBook()
+    )
     prompts = prompts_for(3, cfg.vocab_size, seed=4)
     with hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=4, num_blocks=4) as batcher:
         results = batcher.process(prompts, max_new_tokens=5)
         (event,) = batcher.failovers
     assert flaky.tripped and event.resumed_tokens == sum(len(p) for p in prompts)
     assert [r.tokens for r in results] == one_at_a_time(model, prompts, [5] * 3)
+
+
+def test_a_prefill_only_request_caught_in_a_failover_gets_no_token(
+    cfg: ModelConfig, weights: dict[str, Any], model: DeepseekModel
+) -> None:
+    registry, flaky = flaky_registry(5)  # inside the first prefill, which holds both requests
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, backends=FLAKY_THEN_CPU, book=HealthBook()
+    )
+    prompts = prompts_for(2, cfg.vocab_size)
+    with hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=4, num_blocks=4) as batcher:
+        only_prefill, going = batcher.process([Request(prompts[0], 0), Request(prompts[1], 3)])
+        (event,) = batcher.failovers
+        stats = batcher.stats()
+    assert flaky.tripped
+    # max_new_tokens=0 stays 0 tokens; it is finished, not re-prefilled.
+    assert only_prefill.tokens == [] and only_prefill.finish_reason == "length" and only_prefill.failovers == 1
+    assert going.tokens == one_at_a_time(model, prompts[1:], [3])[0] and going.failovers == 1
+    assert event.resumed_tokens == len(prompts[1]) == stats.reprefill_tokens
+    assert stats.finished == 2 and stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0
 
 
 def test_sampled_requests_continue_their_draws_after_a_failover(cfg: ModelConfig, weights: dict[str, Any]) -> None:
@@ -101,7 +132,9 @@ def test_sampled_requests_continue_their_draws_after_a_failover(cfg: ModelConfig
     with hal.AutoBatcher(DeepseekModel(cfg, undisturbed.get_backend("flaky"), weights), **kwargs) as batcher:
         expected = [r.tokens for r in batcher.process(requests)]
     registry, flaky = flaky_registry(ops_per_run(cfg, weights, requests, **kwargs) // 2)
-    failover = Failover(lambda be: DeepseekModel(cfg, be, weights), registry=registry, book=HealthBook())
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, backends=FLAKY_THEN_CPU, book=HealthBook()
+    )
     with hal.AutoBatcher(failover.build(), failover=failover, **kwargs) as batcher:
         results = batcher.process(requests)
     # Same device type (cpu to cpu): each request's generator state moved along with it.
@@ -117,7 +150,7 @@ def test_failover_rebuilds_from_a_checkpoint_directory(
     (tmp_path / "config.json").write_text(json.dumps(raw))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
     registry, flaky = flaky_registry(400)
-    failover = Failover(tmp_path, registry=registry, book=HealthBook())
+    failover = Failover(tmp_path, registry=registry, backends=FLAKY_THEN_CPU, book=HealthBook())
     prompts = prompts_for(4, cfg.vocab_size, seed=8)
     with hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=4, num_blocks=4) as batcher:
         results = batcher.process(prompts, max_new_tokens=8)
@@ -137,30 +170,81 @@ def test_with_no_backend_left_every_request_fails_with_each_reason(cfg: ModelCon
                 f.result(timeout=30)
         with pytest.raises(FailoverError):  # and later requests fail at once, with the same reason
             batcher.submit([1, 2, 3], 2).result(timeout=30)
+        stats = batcher.stats()
+    assert stats.failed == 4 and stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0  # the cache let go
     assert not book.is_healthy("flaky")
     book.clear("flaky")
     assert book.is_healthy("flaky") and failover.candidates() == ["flaky"]
 
 
+# torch.AcceleratorError exists from torch 2.8 on: built when the parameters are, never at collection.
+_ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", None)
+_NEEDS_ACCELERATOR_ERROR = pytest.mark.skipif(_ACCELERATOR_ERROR is None, reason="torch < 2.8: no AcceleratorError")
+
+
+def _accelerator_error(message: str) -> BaseException:
+    assert _ACCELERATOR_ERROR is not None
+    return _ACCELERATOR_ERROR(message)  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize(
-    ("exc", "expected"),
+    ("make", "expected"),
     [
-        (DeviceFailure("lost"), True),
-        (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), True),
-        (RuntimeError("CUDA error: unspecified launch failure"), True),
-        (RuntimeError("HIP error: hipErrorLaunchFailure"), True),
-        (RuntimeError("NPU function error: aclrtSynchronizeStream, error code is 507035 EZ9999"), True),
-        (RuntimeError("CUDA error: device-side assert triggered"), False),  # a bug: another device hits it too
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),  # capacity, not a fault
-        (GenerationError("generate: prompt 0 is empty"), False),
-        (hal.errors.KVCacheExhaustedError("no free block"), False),
-        (RuntimeError("shape mismatch"), False),
-        (ValueError("CUDA error: in a message, but not a runtime error"), False),
+        pytest.param(lambda: DeviceFailure("lost"), True, id="DeviceFailure"),
+        pytest.param(
+            lambda: _accelerator_error("CUDA error: an illegal memory access was encountered"),
+            True,
+            id="AcceleratorError-illegal-address",
+            marks=_NEEDS_ACCELERATOR_ERROR,
+        ),
+        pytest.param(
+            lambda: _accelerator_error("CUDA error: invalid argument"),
+            False,  # a bad call, not a dead device
+            id="AcceleratorError-invalid-argument",
+            marks=_NEEDS_ACCELERATOR_ERROR,
+        ),
+        pytest.param(lambda: RuntimeError("CUDA error: unspecified launch failure"), True, id="launch-failure"),
+        pytest.param(lambda: RuntimeError("CUDA error: uncorrectable ECC error encountered"), True, id="ecc"),
+        pytest.param(lambda: RuntimeError("CUDA error: no CUDA-capable device is detected"), True, id="no-device"),
+        pytest.param(lambda: RuntimeError("NVML: GPU is lost"), True, id="gpu-lost"),
+        pytest.param(lambda: RuntimeError("HIP error: hipErrorLaunchFailure"), True, id="hip-launch-failure"),
+        pytest.param(
+            lambda: RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1269, unhandled system error"),
+            True,
+            id="nccl-system-error",
+        ),
+        pytest.param(
+            lambda: RuntimeError("NCCL error: remote process exited or there was a network error"),
+            True,
+            id="nccl-remote-exited",
+        ),
+        pytest.param(
+            lambda: RuntimeError("NPU function error: aclrtSynchronizeStream, error code is 507035 EZ9999"),
+            True,
+            id="npu",
+        ),
+        # A bug in the inputs or a kernel: another device would hit it too.
+        pytest.param(lambda: RuntimeError("CUDA error: device-side assert triggered"), False, id="device-side-assert"),
+        pytest.param(lambda: RuntimeError("CUDA error: invalid configuration argument"), False, id="cuda-invalid-cfg"),
+        pytest.param(lambda: RuntimeError("HIP error: invalid device function"), False, id="hip-invalid-function"),
+        pytest.param(lambda: RuntimeError("NCCL error: invalid usage"), False, id="nccl-invalid-usage"),
+        pytest.param(
+            lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            False,  # capacity, not a fault
+            id="OutOfMemoryError",
+        ),
+        pytest.param(lambda: GenerationError("generate: prompt 0 is empty"), False, id="GenerationError"),
+        pytest.param(lambda: hal.errors.KVCacheExhaustedError("no free block"), False, id="KVCacheExhaustedError"),
+        pytest.param(lambda: RuntimeError("shape mismatch"), False, id="shape-mismatch"),
+        pytest.param(
+            lambda: ValueError("CUDA error: an illegal memory access was encountered"),
+            False,  # in a message, but not a runtime error
+            id="ValueError",
+        ),
     ],
-    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
 )
-def test_what_counts_as_a_device_error(exc: BaseException, expected: bool) -> None:
-    assert is_device_error(exc) is expected
+def test_what_counts_as_a_device_error(make: Callable[[], BaseException], expected: bool) -> None:
+    assert is_device_error(make()) is expected
 
 
 def test_a_device_error_is_found_along_the_exception_chain() -> None:
@@ -176,3 +260,59 @@ def test_a_device_error_is_found_along_the_exception_chain() -> None:
 def test_failover_refuses_a_model_that_is_neither_factory_nor_directory() -> None:
     with pytest.raises(TypeError, match=r"factory .* or a checkpoint directory"):
         Failover(42, registry=cpu_registry())  # type: ignore[arg-type]
+
+
+def test_the_reference_backend_is_a_candidate_only_when_named(cfg: ModelConfig, weights: dict[str, Any]) -> None:
+    registry, _ = flaky_registry(None)
+    factory = lambda be: DeepseekModel(cfg, be, weights)  # noqa: E731
+    assert Failover(factory, registry=registry, book=HealthBook()).candidates() == ["flaky"]
+    assert Failover(factory, registry=registry, backends=FLAKY_THEN_CPU, book=HealthBook()).candidates() == [
+        "flaky",
+        "cpu",
+    ]
+    only_cpu = Failover(factory, registry=cpu_registry(), book=HealthBook())
+    assert only_cpu.candidates() == []
+    with pytest.raises(FailoverError, match=r"reference backend 'cpu' is a candidate only when named"):
+        only_cpu.build()
+    assert only_cpu.build("cpu").backend.name == "cpu"  # asking for it by name always works
+
+
+def test_a_failing_device_error_predicate_fails_the_requests_in_flight(
+    cfg: ModelConfig, weights: dict[str, Any]
+) -> None:
+    def predicate(exc: BaseException) -> bool:
+        raise KeyError("a bug in the predicate")
+
+    registry, _ = flaky_registry(50)
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, book=HealthBook(), is_device_error=predicate
+    )
+    with hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=4, num_blocks=4) as batcher:
+        futures = [batcher.submit(p, 6) for p in prompts_for(2, cfg.vocab_size)]
+        for f in futures:
+            with pytest.raises(KeyError, match="a bug in the predicate"):
+                f.result(timeout=30)  # never left waiting
+        stats = batcher.stats()
+    assert stats.failed == 2 and stats.running == 0 and stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0
+
+
+class _Fatal(BaseException):
+    """Escapes every ``except Exception``: what a scheduler bug looks like."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_scheduler_crash_during_failover_still_fails_the_requests_in_flight(
+    cfg: ModelConfig, weights: dict[str, Any]
+) -> None:
+    def predicate(exc: BaseException) -> bool:
+        raise _Fatal("the scheduler crashed")
+
+    registry, _ = flaky_registry(50)
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, book=HealthBook(), is_device_error=predicate
+    )
+    batcher = hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=4, num_blocks=4)
+    futures = [batcher.submit(p, 6) for p in prompts_for(2, cfg.vocab_size)]
+    for f in futures:
+        assert isinstance(f.exception(timeout=30), _Fatal)  # never left waiting
+    batcher.close()

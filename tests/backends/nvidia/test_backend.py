@@ -4,6 +4,7 @@ kernel ops with this backend's tuning, and the op plan ``hal info`` shows withou
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ KERNEL_OPS = set(kernel_ops_for("sm_90", "e4m3fn"))
 FP8_OPS = {op for op in KERNEL_OPS if "fp8" in op}
 #: ops the backend serves itself besides the shared kernels: cuBLAS gemm.
 OWN_OPS = {"gemm"}
+
+
+def _unguarded(op: str, fn: Any) -> Any:
+    """The implementation inside the backend's fp8-format guard (every fp8 op has one)."""
+    return fn.__wrapped__ if "fp8" in op else fn
 
 
 def _simulate(monkeypatch: pytest.MonkeyPatch, *, cc: tuple[int, int], name: str, count: int = 8) -> None:
@@ -54,7 +60,7 @@ def test_kernel_ops_carry_the_sm90_tuning(monkeypatch: pytest.MonkeyPatch) -> No
     tuning = load_tuning(_backend.TUNING_DIR, "sm_90")
     assert FP8_OPS and KERNEL_OPS <= set(tuning)
     for op in KERNEL_OPS:
-        assert ops[op].keywords == {"config": tuning[op]}, op
+        assert _unguarded(op, ops[op]).keywords == {"config": tuning[op]}, op
         assert ops[op].__module__.startswith("hal_kernels."), op
 
 
@@ -150,7 +156,7 @@ def test_quant_impl_env_selects_the_cuda_c_kernel_in_build_and_plan(monkeypatch:
     # plan() describes the choice even where CuPy is missing; build() would refuse without CuPy.
     assert plan("sm_90")["quantize_fp8"] == "hal_nvidia.cuda_kernels:quantize_fp8"
     ops = _backend.native_ops("sm_90", "e4m3fn", quantize_impl="cuda")
-    assert ops["quantize_fp8"].keywords["fallback"].keywords == {
+    assert ops["quantize_fp8"].keywords["fallback"].__wrapped__.keywords == {
         "config": load_tuning(_backend.TUNING_DIR, "sm_90")["quantize_fp8"]
     }
     # No fp8 on the GPU: no fp8 quantization to serve, whatever the variable says.
@@ -190,3 +196,27 @@ def test_cublas_gemm_matches_the_reference() -> None:
     x, w = torch.randn(5, 48, generator=g), torch.randn(7, 48, generator=g)
     torch.testing.assert_close(cublas.gemm(x, w), reference_gemm(x, w), rtol=1e-5, atol=1e-5)
     assert cublas.gemm(x, w, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    # bf16 inputs, fp32 out: the fp32 accumulation itself, not a bf16 result widened.
+    xb, wb = x.bfloat16(), w.bfloat16()
+    exact = xb.float() @ wb.float().t()
+    out = cublas.gemm(xb, wb, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, out.bfloat16().float())  # it carries more than bf16's 8 bits
+
+
+def test_fp8_ops_refuse_amds_fnuz_format_with_a_clear_error() -> None:
+    from hal.errors import DTypeError
+
+    ops = _backend.native_ops("sm_90", "e4m3fn")
+    fp8_ops = {op for op in ops if "fp8" in op}
+    assert fp8_ops == FP8_OPS
+    # Still each op's own implementation for hal info, with the catalogue's signature.
+    assert plan("sm_90")["gemm_fp8"] == "hal_kernels.gemm:gemm_fp8"
+    assert all(check_impl_signature(CATALOGUE[op], ops[op]) is None for op in fp8_ops)
+    x = torch.zeros(4, 128)
+    with pytest.raises(DTypeError, match=r"quantize_fp8: this device computes in torch\.float8_e4m3fn"):
+        ops["quantize_fp8"](x, fp8_dtype=torch.float8_e4m3fnuz)
+    q = torch.zeros(4, 128, dtype=torch.float8_e4m3fnuz)
+    with pytest.raises(DTypeError, match=r"gemm_fp8: .*not torch\.float8_e4m3fnuz"):
+        ops["gemm_fp8"](q, torch.ones(4, 1), q, torch.ones(1, 1))

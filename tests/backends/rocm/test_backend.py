@@ -52,7 +52,8 @@ def test_capabilities_follow_the_arch(monkeypatch: pytest.MonkeyPatch, gcn: str,
     assert all(check_impl_signature(CATALOGUE[op], fn) is None for op, fn in impl.ops.items())
     tuning = load_tuning(TUNING_DIR, arch)
     for op in KERNEL_OPS & set(impl.ops):
-        assert impl.ops[op].keywords == {"config": tuning[op]}, op
+        fn = impl.ops[op].__wrapped__ if "fp8" in op else impl.ops[op]  # fp8 ops: inside the format guard
+        assert fn.keywords == {"config": tuning[op]}, op
 
 
 def test_no_visible_device_is_a_load_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,3 +102,16 @@ def test_hal_info_shows_the_unavailable_backends_plan() -> None:
     assert "Backend rocm (unavailable): ops it would serve on gfx942" in text
     gfx90a = {b["name"]: b for b in info_data(Registry(), arch="gfx90a")["backends"]}["rocm"]
     assert gfx90a["plan"]["ops"]["grouped_gemm_fp8"]["source"] == "fallback"
+
+
+def test_fp8_ops_refuse_the_other_fp8_format() -> None:
+    from hal.errors import DTypeError
+
+    ops = kernel_ops_for("gfx942", "e4m3fnuz")
+    x = torch.zeros(4, 128)
+    with pytest.raises(DTypeError, match=r"quantize_fp8: this device computes in torch\.float8_e4m3fnuz"):
+        ops["quantize_fp8"](x, fp8_dtype=torch.float8_e4m3fn)
+    # gfx950 is OCP e4m3fn, like NVIDIA.
+    q = torch.zeros(4, 128, dtype=torch.float8_e4m3fnuz)
+    with pytest.raises(DTypeError, match=r"gemm_fp8: .*not torch\.float8_e4m3fnuz"):
+        kernel_ops_for("gfx950", "e4m3fn")["gemm_fp8"](q, torch.ones(4, 1), q, torch.ones(1, 1))
