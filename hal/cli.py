@@ -566,30 +566,20 @@ def _generate_and_report(
         # would otherwise be charged to the reported rates: run one short sequence first, untimed.
         log.info("warm-up: one sequence, %d new token(s)", min(2, args.max_new_tokens))
         generate(model, [prompts[0][:8]], max_new_tokens=min(2, args.max_new_tokens))
+    sampling: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     if metrics is not None:
         # Through hal.AutoBatcher, which records into the metrics; the tokens, sampled ones included, are
         # generate()'s (all prompts run as one batch, drawing from one generator seeded --seed).
         from hal.serving import generate_batched
 
-        result = generate_batched(
-            model,
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            metrics=metrics,
-        )
+        result = generate_batched(model, prompts, **sampling, metrics=metrics)
     else:
-        result = generate(
-            model,
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
+        result = generate(model, prompts, **sampling, progress=not args.quiet)
     texts = None if tokenizer is None else [tokenizer.decode(t) for t in result.tokens]
     data: dict[str, Any] = {
         "backend": backend.name,

@@ -44,6 +44,8 @@ from typing import Any
 
 __all__ = [
     "TORCHRUN_VARS",
+    "assert_passed",
+    "checks_in",
     "free_port",
     "run_checks",
     "run_ranks",
@@ -216,3 +218,16 @@ def run_checks(
             raise RuntimeError(f"rank {rank} of the checks job failed:\n{res['crash'] if res else 'no result'}")
         verdicts.append(res)
     return verdicts
+
+
+def checks_in(namespace: Mapping[str, Any], prefix: str = "check_") -> dict[str, Callable[[int], None]]:
+    """A test module's checks for :func:`run_checks`: every function named ``check_<name>`` in
+    ``namespace`` (pass ``globals()``), keyed by ``<name>``."""
+    return {name.removeprefix(prefix): fn for name, fn in namespace.items() if name.startswith(prefix)}
+
+
+def assert_passed(verdicts: Sequence[Mapping[str, str | None]], check: str) -> None:
+    """Raise ``AssertionError`` with every failing rank's traceback when ``check`` failed on any rank
+    (``verdicts`` as :func:`run_checks` returns them)."""
+    failures = [f"rank {r}:\n{v[check]}" for r, v in enumerate(verdicts) if v[check] is not None]
+    assert not failures, "\n".join(failures)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
 
 import pytest
 import torch
 
 from hal.ops.catalogue import CATALOGUE
-from hal.testing.dist import run_checks
+from hal.testing.dist import assert_passed, checks_in, run_checks
 from hal_cpu.reference import collectives as ref
 
 WORLD = 2
@@ -179,9 +178,7 @@ def check_barrier(rank: int) -> None:
         raise AssertionError(f"rank 0 left the barrier after {waited:.3f} s, before rank 1 arrived")
 
 
-_CHECKS: dict[str, Callable[[int], None]] = {
-    name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
-}
+_CHECKS = checks_in(globals())
 
 
 @pytest.fixture(scope="module")
@@ -206,5 +203,4 @@ def test_signatures_match_the_catalogue() -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("check", list(_CHECKS))
 def test_collective(check: str, verdicts: list[dict[str, str | None]]) -> None:
-    failures = [f"rank {r}:\n{v[check]}" for r, v in enumerate(verdicts) if v[check] is not None]
-    assert not failures, "\n".join(failures)
+    assert_passed(verdicts, check)

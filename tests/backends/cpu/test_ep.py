@@ -9,15 +9,13 @@ dispatch → local experts → combine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.distributed as dist
 
 from hal.errors import CollectiveError
 from hal.ops import catalogue
-from hal.testing.dist import run_checks
+from hal.testing.dist import assert_passed, checks_in, run_checks
 from hal.types import Dispatched, DispatchHandle
 from hal_cpu.reference import collectives as ref
 
@@ -213,9 +211,7 @@ def check_identity(rank: int) -> None:
         _same(ref.ep_combine(y, d.handle), x.to(dtype))
 
 
-_CHECKS: dict[str, Callable[[int], None]] = {
-    name.removeprefix("check_"): fn for name, fn in globals().items() if name.startswith("check_")
-}
+_CHECKS = checks_in(globals())
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +227,7 @@ def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | N
 @pytest.mark.distributed
 @pytest.mark.parametrize("check", list(_CHECKS))
 def test_ep(check: str, verdicts: list[dict[str, str | None]]) -> None:
-    failures = [f"rank {r}:\n{v[check]}" for r, v in enumerate(verdicts) if v[check] is not None]
-    assert not failures, "\n".join(failures)
+    assert_passed(verdicts, check)
 
 
 def test_no_process_group_raises() -> None:
