@@ -13,8 +13,8 @@ import hal
 import hal_rocm
 import hal_rocm.probe
 from hal_rocm.health import read_amdsmi
+from tests.backends.rocm.amdsmi_standin import AmdSmiLibraryException, fake_amdsmi
 from tests.backends.rocm.test_probe import gather_fake, kfd_tree
-from tests.backends.rocm.test_telemetry import AmdSmiLibraryException, fake_amdsmi
 
 GIB = 2**30
 

@@ -3,7 +3,6 @@ visible-device variables, amdsmi failures and telemetry, this box."""
 
 from __future__ import annotations
 
-import enum
 import importlib.machinery
 import json
 import os
@@ -28,6 +27,7 @@ from hal_rocm.probe import (
     probe,
     visible_gpus,
 )
+from tests.backends.rocm.amdsmi_standin import fake_amdsmi
 
 ROCM_TORCH = RocmFacts(torch_version="2.13.0+rocm6.4", torch_hip="6.4.43482", torch_cuda=None, kfd_found=True)
 CPU_TORCH = RocmFacts(torch_version="2.13.0+cpu", torch_hip=None, torch_cuda=None, kfd_found=False)
@@ -370,56 +370,8 @@ def test_gather_reads_names_from_amdsmi(tmp_path: Path, monkeypatch: pytest.Monk
     ]
 
 
-def _mi300x_amdsmi(n: int) -> types.ModuleType:
-    """An amdsmi stand-in for an 8-way MI300X box: the enums and query functions the probe calls."""
-    module = types.ModuleType("amdsmi")
-    module.__spec__ = importlib.machinery.ModuleSpec("amdsmi", None)
-
-    class AmdSmiLibraryException(Exception):
-        pass
-
-    sensors = enum.IntEnum("AmdSmiTemperatureType", {"EDGE": 0, "HOTSPOT": 1, "VRAM": 2})
-    metric = enum.IntEnum("AmdSmiTemperatureMetric", {"CURRENT": 0, "MAX": 1})
-    memory = enum.IntEnum("AmdSmiMemoryType", {"VRAM": 0, "VIS_VRAM": 1, "GTT": 2})
-    links = enum.IntEnum(
-        "AmdSmiLinkType", {"AMDSMI_LINK_TYPE_INTERNAL": 0, "AMDSMI_LINK_TYPE_XGMI": 1, "AMDSMI_LINK_TYPE_PCIE": 2}
-    )
-
-    def temp(h: int, sensor: Any, m: Any) -> int:
-        if sensor == sensors.EDGE:
-            raise AmdSmiLibraryException("AMDSMI_STATUS_NOT_SUPPORTED")  # MI300 has no edge sensor
-        return 40 + h
-
-    functions: dict[str, Any] = {
-        "amdsmi_init": lambda: None,
-        "amdsmi_shut_down": lambda: None,
-        "amdsmi_get_processor_handles": lambda: list(range(n)),
-        "amdsmi_get_gpu_asic_info": lambda h: {
-            "market_name": "AMD Instinct MI300X",
-            "target_graphics_version": "gfx942",
-        },
-        "amdsmi_get_gpu_driver_info": lambda h: {"driver_version": "6.10.5"},
-        "amdsmi_get_temp_metric": temp,
-        "amdsmi_get_power_info": lambda h: {"current_socket_power": 130 + h, "average_socket_power": "N/A"},
-        "amdsmi_get_gpu_memory_usage": lambda h, t: 300 * 2**20 if t == memory.VRAM else 0,
-        "amdsmi_get_gpu_memory_total": lambda h, t: 192 * 2**30 if t == memory.VRAM else 0,
-        "amdsmi_topo_get_link_type": lambda a, b: {
-            "hops": int(a != b),
-            "type": links.AMDSMI_LINK_TYPE_XGMI if a != b else 0,
-        },
-        "AmdSmiTemperatureType": sensors,
-        "AmdSmiTemperatureMetric": metric,
-        "AmdSmiMemoryType": memory,
-        "AmdSmiLinkType": links,
-        "AmdSmiLibraryException": AmdSmiLibraryException,
-    }
-    for name, fn in functions.items():
-        setattr(module, name, fn)
-    return module
-
-
 def test_gather_reads_telemetry_from_amdsmi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "amdsmi", _mi300x_amdsmi(8))
+    monkeypatch.setitem(sys.modules, "amdsmi", fake_amdsmi(8))
     facts = gather_fake(kfd_tree(tmp_path, gpus=[90402] * 8))
     assert facts.notes == ()
     assert [t["temperature_c"] for t in facts.telemetry] == list(range(40, 48))
@@ -442,7 +394,7 @@ def test_hal_info_shows_telemetry_in_the_probe_details(tmp_path: Path, monkeypat
     from hal.cli import info_data
     from hal.registry import Registry
 
-    monkeypatch.setitem(sys.modules, "amdsmi", _mi300x_amdsmi(8))
+    monkeypatch.setitem(sys.modules, "amdsmi", fake_amdsmi(8))
     facts = replace(gather_fake(kfd_tree(tmp_path, gpus=[90402] * 8)), torch_hip=None, torch_version="2.13.0+cpu")
     monkeypatch.setattr(hal_rocm.probe, "gather", lambda: facts)
     data = info_data(Registry(entry_points=False, plugins=[("rocm", hal_rocm)]))
