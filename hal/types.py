@@ -247,6 +247,13 @@ class Dispatched(NamedTuple):
     One received row per (source token, this rank) pair where the token selected at least one of this
     rank's experts, ordered by source rank, then by source token index.
 
+    In low-latency mode (``ep_dispatch(..., max_tokens_per_rank=M)``) the rows are fixed slots instead:
+    ``world * M`` of them in ``world`` blocks of ``M``, this rank's own tokens first, then each other
+    rank's in rank order; row ``t`` of a block is its source's token ``t``, whether or not that token
+    selected one of this rank's experts. A token that did not, and a slot past the source's ``T``, has
+    every id ``-1`` and every weight ``0`` (its x row is the token's, or zeros past ``T``). The tensors
+    are then views of one receive buffer (rows strided by the packed row).
+
     :ivar x: [R, H] the received token rows (x's dtype; fp8 travels as bytes where the transport lacks it).
     :ivar x_scales: float32 [R, H / 128] the rows' FP8 scales when dispatched with ``x_scales``, else ``None``.
     :ivar topk_ids: int64 [R, top_k] each row's selected experts as LOCAL ids (``global - rank * E_local``),
@@ -265,13 +272,21 @@ class Dispatched(NamedTuple):
 class DispatchHandle(NamedTuple):
     """The routing of one ``ep_dispatch``, for its ``ep_combine``.
 
-    :ivar send_index: int64 [S] the source token of each row this rank sent, in send order.
+    :ivar send_index: int64 [S] the source token of each row this rank sent, in send order. In
+        low-latency mode: the tokens ``t`` that selected none of this rank's own experts (the combine
+        ignores their own-block results).
     :ivar send_counts: rows sent to each rank (length world_size).
     :ivar recv_counts: rows received from each rank (length world_size).
     :ivar num_tokens: T, this rank's tokens before dispatch.
+    :ivar max_tokens_per_rank: M in low-latency mode (one fixed-size exchange), ``None`` in normal mode.
+    :ivar remote_ignored: low-latency mode only: the slots ``(j - 1) * M + t`` of the results coming back
+        from the other ranks (``j``-th block, ranks in order without this one) whose token ``t`` selected
+        none of that rank's experts; the combine ignores them.
     """
 
     send_index: torch.Tensor
     send_counts: list[int]
     recv_counts: list[int]
     num_tokens: int
+    max_tokens_per_rank: int | None = None
+    remote_ignored: torch.Tensor | None = None

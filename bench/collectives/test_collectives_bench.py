@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import hal
-from hal.bench.collectives import IMPLS, Pair, bandwidth, call, nbytes, op_shapes, payload
+from hal.bench.collectives import HAL_IMPLS, IMPLS, Pair, bandwidth, call, nbytes, op_shapes, payload
 from hal.bench.shapes import ShapeSet, default_shape_set, shape_set
 
 pytestmark = pytest.mark.distributed
@@ -48,7 +48,7 @@ PARAMS = [
     for i, shape in enumerate(op_shapes(_SET, op))
     for impl in IMPLS[op]
 ]
-_hal: dict[tuple[str, int], float] = {}
+_hal: dict[tuple[str, int, str], float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,12 @@ def test_collective(benchmark: Any, pair: Pair, op: str, shape_index: int, impl:
     if benchmark.disabled:
         return
     median = benchmark.stats.stats.median
-    benchmark.extra_info.update({"op": op, "shape": shape.id, "impl": impl, **bandwidth(op, t, median)})
-    if impl == "hal":
-        _hal[(op, shape_index)] = median
-    elif (op, shape_index) in _hal:
-        # HAL's time over plain torch.distributed's on the same bytes (below 1: HAL is faster).
-        benchmark.extra_info["hal_over_baseline"] = _hal[(op, shape_index)] / median
+    benchmark.extra_info.update({"op": op, "shape": shape.id, "impl": impl, **bandwidth(op, t, median, impl)})
+    if impl in HAL_IMPLS:
+        _hal[(op, shape_index, impl)] = median
+        return
+    # HAL's time over plain torch.distributed's on the same bytes (below 1: HAL is faster), per HAL mode.
+    for hal_impl in HAL_IMPLS:
+        if (op, shape_index, hal_impl) in _hal:
+            key = "hal_over_baseline" if hal_impl == "hal" else f"{hal_impl.replace('-', '_')}_over_baseline"
+            benchmark.extra_info[key] = _hal[(op, shape_index, hal_impl)] / median

@@ -23,7 +23,10 @@ Each is compared with plain ``torch.distributed`` moving the same bytes (``all_r
 ``ep_combine`` the baseline is one ``all_to_all_single`` of the bytes the op really moves, with the
 op's own per-rank splits (dispatch: one row per (token, destination rank) of x, scales, expert ids and
 weights; combine: the received rows back), so the ratio is the overhead of the layer: the count
-exchange, routing, packing, the per-token sum. Bandwidths are reported the way nccl-tests does:
+exchange, routing, packing, the per-token sum. Both modes of the ops are timed against that same
+baseline: ``hal`` (normal mode) and ``hal-ll`` (low-latency mode, ``max_tokens_per_rank = T``: one
+fixed-size exchange of ``WORLD · T`` slots, slightly more than the routed rows when a token skips a
+rank; its ``wire_bytes`` says how much). Bandwidths are reported the way nccl-tests does:
 ``algbw = bytes / t`` and ``busbw = algbw · 2(n-1)/n`` for all-reduce, ``algbw · (n-1)/n`` for
 all-to-all; for ``ep_dispatch`` / ``ep_combine`` ``bytes`` is the anchors' formula (BENCHMARKS.md:
 ``tokens·top_k`` selected experts of ``hidden + hidden/128·4 + 16`` bytes for an FP8 dispatch,
@@ -49,6 +52,7 @@ from hal.testing.dist import free_port
 from hal.types import DispatchHandle
 
 __all__ = [
+    "HAL_IMPLS",
     "IMPLS",
     "NUM_EXPERTS",
     "WORLD",
@@ -67,9 +71,12 @@ WORLD = 2
 IMPLS: dict[str, tuple[str, ...]] = {
     "all_reduce": ("hal", "torch.distributed.all_reduce"),
     "all_to_all": ("hal", "torch.distributed.all_to_all_single"),
-    "ep_dispatch": ("hal", "torch.distributed.all_to_all_single"),
-    "ep_combine": ("hal", "torch.distributed.all_to_all_single"),
+    "ep_dispatch": ("hal", "hal-ll", "torch.distributed.all_to_all_single"),
+    "ep_combine": ("hal", "hal-ll", "torch.distributed.all_to_all_single"),
 }
+#: HAL implementations (the rest are baselines): ``hal-ll`` is the op's low-latency mode
+#: (``max_tokens_per_rank`` = the tokens of a rank: one fixed-size exchange).
+HAL_IMPLS = ("hal", "hal-ll")
 _OPS = tuple(IMPLS)
 _TIMEOUT = datetime.timedelta(seconds=120)
 #: Routed experts of the expert-parallel benchmarks (DeepSeek-V3's 256), split evenly between the ranks.
@@ -94,6 +101,8 @@ class EpPayload:
     :ivar topk_weights: float32 [T, top_k] (dispatch).
     :ivar y: bf16 [R, H] the received rows' results (combine).
     :ivar handle: the dispatch's handle, built locally from every rank's routing (combine).
+    :ivar y_ll: bf16 [WORLD * T, H], the same in low-latency mode (every slot).
+    :ivar handle_ll: the low-latency dispatch's handle, built locally (combine).
     :ivar wire: uint8 rows of the bytes the op moves, for the plain ``all_to_all_single`` baseline.
     :ivar wire_send: rows of ``wire`` sent to each rank.
     :ivar wire_recv: rows received from each rank.
@@ -106,6 +115,8 @@ class EpPayload:
     topk_weights: torch.Tensor
     y: torch.Tensor
     handle: DispatchHandle
+    y_ll: torch.Tensor
+    handle_ll: DispatchHandle
     wire: torch.Tensor
     wire_send: list[int]
     wire_recv: list[int]
@@ -133,6 +144,13 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
     send = [int(n) for n in goes[rank].sum(dim=1).tolist()]
     recv = [int(goes[src][rank].sum()) for src in range(WORLD)]
     handle = DispatchHandle(send_index.to(device), send, recv, tokens)
+    # Low-latency mode: the tokens that selected none of this rank's experts, and the slots of the other
+    # ranks' blocks (in rank order) whose token selected none of that rank's.
+    skipped = ~goes[rank]
+    own_ignored = skipped[rank].nonzero().squeeze(1)
+    remote_ignored = skipped[[r for r in range(WORLD) if r != rank]].reshape(-1).nonzero().squeeze(1)
+    counts = [tokens] * WORLD
+    handle_ll = DispatchHandle(own_ignored.to(device), counts, counts, tokens, tokens, remote_ignored.to(device))
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(tokens, hidden, generator=g).to(torch.float8_e4m3fn)
     scales = torch.rand(tokens, hidden // 128, generator=g)
@@ -153,6 +171,8 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
         topk_weights=weights.to(device),
         y=y.to(device),
         handle=handle,
+        y_ll=torch.zeros(WORLD * tokens, hidden, dtype=torch.bfloat16, device=device),
+        handle_ll=handle_ll,
         wire=wire.to(device),
         wire_send=wire_send,
         wire_recv=wire_recv,
@@ -175,11 +195,16 @@ def payload(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, ran
 
 
 def _ep_call(backend: Backend, op: str, impl: str, c: EpPayload) -> Callable[[], Any]:
-    if impl == "hal":
+    if impl in HAL_IMPLS:
         fn = backend.op(op)
+        ll = impl == "hal-ll"
         if op == "ep_dispatch":
-            return lambda: fn(c.x, c.topk_ids, c.topk_weights, num_experts=NUM_EXPERTS, x_scales=c.x_scales)
-        return lambda: fn(c.y, c.handle)
+            cap = c.x.shape[0] if ll else None
+            return lambda: fn(
+                c.x, c.topk_ids, c.topk_weights, num_experts=NUM_EXPERTS, x_scales=c.x_scales, max_tokens_per_rank=cap
+            )
+        y, handle = (c.y_ll, c.handle_ll) if ll else (c.y, c.handle)
+        return lambda: fn(y, handle)
 
     def all_to_all_single() -> torch.Tensor:
         out = c.wire.new_empty(sum(c.wire_recv), c.wire.shape[1])
@@ -215,10 +240,11 @@ def nbytes(t: Any) -> int:
     return int(t.numel() * t.element_size())
 
 
-def bandwidth(op: str, t: Any, seconds: float) -> dict[str, float]:
+def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal") -> dict[str, float]:
     """``bytes``, ``algbw_gbps`` and ``busbw_gbps`` (nccl-tests' conventions) of one call taking ``seconds``.
 
-    For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends) and its rate.
+    For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends: the routed
+    rows, or for ``hal-ll`` the fixed ``WORLD · T`` slots) and its rate.
     """
     size = nbytes(t)
     alg = size / seconds / 1e9
@@ -226,6 +252,10 @@ def bandwidth(op: str, t: Any, seconds: float) -> dict[str, float]:
     out = {"bytes": float(size), "algbw_gbps": alg, "busbw_gbps": alg * factor}
     if isinstance(t, EpPayload):
         wire = t.wire.numel() * t.wire.element_size()
+        if impl == "hal-ll":  # T slots to each other rank; a dispatch row carries every rank's ids and weights
+            top_k = t.topk_ids.shape[1]
+            row = t.wire.shape[1] + (WORLD - 1) * top_k * 12 + top_k * 4 if op == "ep_dispatch" else t.wire.shape[1]
+            wire = (WORLD - 1) * t.x.shape[0] * row
         out.update({"wire_bytes": float(wire), "wire_gbps": wire / seconds / 1e9})
     return out
 

@@ -561,7 +561,8 @@ class DeepseekModel:
         """The MoE of replicated tokens ``x`` with routed experts spread over the ranks.
 
         This rank routes its chunk of the tokens (routing is per token, so the other chunks' routing is
-        the other ranks' business), sends them to the experts' ranks (``ep_dispatch``), runs its own
+        the other ranks' business), sends them to the experts' ranks (``ep_dispatch``, in its low-latency
+        mode for chunks of at most ``ParallelConfig.ep_low_latency_tokens``), runs its own
         experts on what it receives, gets its tokens' results back (``ep_combine``) and writes them into
         its rows of a zero ``[T, H]`` buffer; the shared experts add theirs (a partial sum under tensor
         parallelism, else this chunk's rows), and one ``all_reduce`` gives every rank every token.
@@ -570,7 +571,13 @@ class DeepseekModel:
         lo, hi = par.token_range(x.shape[0])
         mine = x[lo:hi]
         ids, weights = self._route(m, mine)
-        d = be.ep_dispatch(mine, ids, weights, num_experts=self.cfg.n_routed_experts, group=par.group)
+        # Every rank knows every chunk's size (x is replicated): small chunks (decode) take the
+        # low-latency mode's one fixed-size exchange, with the largest chunk as the cap.
+        chunk = -(-x.shape[0] // par.ep)
+        cap = chunk if 0 < chunk <= par.ep_low_latency_tokens else None
+        d = be.ep_dispatch(
+            mine, ids, weights, num_experts=self.cfg.n_routed_experts, max_tokens_per_rank=cap, group=par.group
+        )
         n_local = m.gate_up.shape[0]
         if d.x.shape[0]:
             # An expert of another rank (-1) becomes the sink id n_local: past the last offset, weight 0.

@@ -80,18 +80,25 @@ class ParallelConfig:
     :param rank: this process's rank in ``group``.
     :param group: the ``torch.distributed`` process group of the collectives; ``None`` is the world. A
         group given must be started, hold ``max(tp, ep)`` ranks and have this process as ``rank``.
+    :param ep_low_latency_tokens: an expert-parallel MoE layer whose per-rank chunk has at most this many
+        tokens (decode) dispatches in ``ep_dispatch``'s low-latency mode (one fixed-size exchange, as
+        DeepEP does for decode); larger chunks (prefill) use the normal mode. ``0``: always normal.
     """
 
     tp: int = 1
     ep: int = 1
     rank: int = 0
     group: Any = None
+    ep_low_latency_tokens: int = 128
 
     def __post_init__(self) -> None:
         for name in ("tp", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ParallelError(f"--{name}: expected a positive int, got {value!r}")
+        ll = self.ep_low_latency_tokens
+        if isinstance(ll, bool) or not isinstance(ll, int) or ll < 0:
+            raise ParallelError(f"ep_low_latency_tokens: expected a non-negative int, got {ll!r}")
         if self.tp > 1 and self.ep > 1 and self.tp != self.ep:
             raise ParallelError(
                 f"--tp {self.tp} --ep {self.ep}: tensor and expert parallelism share one group, so when both are "

@@ -93,7 +93,8 @@ def values_in(op: str, name: str, t: torch.Tensor, lo: int, hi: int, what: str) 
     """Every value of ``t`` in ``[lo, hi)`` (host tensors only)."""
     if t.numel() == 0 or not on_host(t):
         return
-    low, high = int(t.min()), int(t.max())
+    low_t, high_t = torch.aminmax(t)  # one pass, not two
+    low, high = int(low_t), int(high_t)
     if low < lo or high >= hi:
         bad = low if low < lo else high
         raise LayoutError(op, name, f"values must lie in [{lo}, {hi}) ({what}), found {bad}")

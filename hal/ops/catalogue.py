@@ -948,6 +948,7 @@ def ep_dispatch(
     *,
     num_experts: int,
     x_scales: torch.Tensor | None = None,
+    max_tokens_per_rank: int | None = None,
     group: Any = None,
 ) -> Dispatched:
     """Send each token to every rank that owns one of its selected experts (expert parallelism).
@@ -964,6 +965,12 @@ def ep_dispatch(
     :param num_experts: E, a multiple of the group's size.
     :param x_scales: float32 [T, H / 128], x's FP8 scales (from ``quantize_fp8``) to send along; ``None``
         when x is not FP8.
+    :param max_tokens_per_rank: M, for the low-latency mode (DeepEP's ``low_latency_dispatch``, for
+        decode): every rank passes the same M and has ``T <= M``; the exchange is then one collective of
+        fixed size (``M`` rows to every rank) instead of a row-count exchange followed by the rows, and
+        the result has ``world * M`` rows in fixed slots (:class:`hal.types.Dispatched`). It moves
+        ``world * M`` rows whatever the routing, so it pays off when T is small and most tokens reach
+        most ranks. ``None`` (the default): normal mode.
     :param group: process group; ``None`` means the world.
     :returns: :class:`hal.types.Dispatched` ``(x, x_scales, topk_ids, topk_weights, handle)``.
     """
@@ -987,8 +994,20 @@ def ep_dispatch(
         _v.dtype(op, "x_scales", x_scales, (torch.float32,))
     elif x_scales is not None:
         raise OpInputError(op, "x_scales", f"scales go with an FP8 x only; x is {x.dtype}")
+    if max_tokens_per_rank is not None:
+        _v.positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
+        if x.shape[0] > max_tokens_per_rank:
+            raise ShapeError(op, "x", f"has {x.shape[0]} tokens, more than max_tokens_per_rank ({max_tokens_per_rank})")
     _v.values_in(op, "topk_ids", topk_ids, 0, num_experts, f"global expert ids, num_experts = {num_experts}")
-    return _impl(x, topk_ids, topk_weights, num_experts=num_experts, x_scales=x_scales, group=group)
+    return _impl(
+        x,
+        topk_ids,
+        topk_weights,
+        num_experts=num_experts,
+        x_scales=x_scales,
+        max_tokens_per_rank=max_tokens_per_rank,
+        group=group,
+    )
 
 
 @_op("collective")
@@ -996,7 +1015,8 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     """Send every dispatched row's result back to its source rank and sum over ranks per token.
 
     :param y: float32 | bfloat16 | float16 [R, H], the received rows' results in ``ep_dispatch``'s order
-        (already weighted by the local experts' ``topk_weights``).
+        (already weighted by the local experts' ``topk_weights``); in low-latency mode ``R = world * M``,
+        and the rows of tokens that selected none of this rank's experts are ignored.
     :param handle: ``ep_dispatch``'s ``handle``.
     :param group: the process group of the dispatch.
     :returns: y's dtype [T, H], each token's sum over the ranks it was sent to (zero for a token sent

@@ -3,7 +3,8 @@
 Two kinds of launches, started together (one group start each, a few seconds):
 
 - ``torchrun --nproc-per-node 2 worker.py OUT CKPT``: one job that, for every layout of
-  :data:`worker.LAYOUTS` (``--tp 2``, ``--ep 2``, both; FP8 weights under ``--tp 2`` and under ``--ep 2``;
+  :data:`worker.LAYOUTS` (``--tp 2``, ``--ep 2`` with its decode in ``ep_dispatch``'s low-latency mode
+  and again with every step in the normal mode, both; FP8 weights under ``--tp 2`` and under ``--ep 2``;
   a one-token batch, fewer tokens than ranks; the expanded MLA decode under ``--tp 2``; and both with
   each rank reading its shard of a checkpoint without q LoRA and with tied embeddings), writes each
   rank's prefill and decode logits and greedy tokens; this test computes the same in one process

@@ -14,6 +14,7 @@ Besides the plain layouts: FP8 weights under tensor and under expert parallelism
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,11 +47,13 @@ class Layout(NamedTuple):
     prompts: list[list[int]] = PROMPTS
     decode_tokens: list[list[int]] = DECODE_TOKENS
     absorbed: bool = True  # the decode steps' MLA form (generate() always absorbs)
+    ep_low_latency_tokens: int = 128  # ParallelConfig's: 0 dispatches every step in the normal mode
 
 
 LAYOUTS: dict[str, Layout] = {
     "tp2": Layout(2, 1),
-    "ep2": Layout(1, 2),
+    "ep2": Layout(1, 2),  # every chunk small: ep_dispatch's low-latency mode
+    "ep2-normal": Layout(1, 2, ep_low_latency_tokens=0),  # ep_dispatch's normal mode
     "tp2-ep2": Layout(2, 2),
     "tp2-fp8": Layout(2, 1, "fp8"),
     "ep2-fp8": Layout(1, 2, "fp8"),
@@ -133,6 +136,7 @@ def main(out_dir: str, ckpt: str) -> None:
             # One layout names its group (checked against the layout), the others use the default one.
             group = torch.distributed.group.WORLD if layout == "tp2-ep2" else None
             par = ParallelConfig.create(case.tp, case.ep, rank=info.rank, world_size=info.world_size, group=group)
+            par = dataclasses.replace(par, ep_low_latency_tokens=case.ep_low_latency_tokens)
             tensors = run(build(layout, backend, par, Path(ckpt)), layout)
             save_file(tensors, str(Path(out_dir) / f"{layout}-rank{info.rank}.safetensors"))
     finally:

@@ -18,7 +18,9 @@ These are the fallback of every backend, so they use only what every torch.distr
   are packed; the host needs the counts for the splits), then one ``all_to_all_single`` of the rows
   packed as bytes (x, its scales, the global expert ids and the weights side by side in one ``uint8``
   row, each field 8-byte aligned so the receiver reads them as views), so a dispatch costs two
-  collectives whatever it carries; a combine costs one.
+  collectives whatever it carries; a combine costs one. The low-latency mode (``max_tokens_per_rank``,
+  DeepEP's ``low_latency_dispatch`` for decode) drops the count exchange: every rank sends a fixed
+  ``M`` rows to every rank in one equal-split exchange, so a dispatch costs one collective too.
 
 Inputs are validated by :mod:`hal.ops.catalogue` before these run. A transport failure (a peer that
 exited, a collective that stalled past the process group's timeout) is raised as
@@ -27,6 +29,7 @@ exited, a collective that stalled past the process group's timeout) is raised as
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -183,6 +186,47 @@ def _aligned(n: int) -> int:
     return -(-n // 8) * 8
 
 
+def _packed_fields(
+    x: torch.Tensor, x_scales: torch.Tensor | None, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Each token's dispatch fields as bytes ``[x | x_scales | global ids (int32) | weights]`` and each
+    field's width in the packed row (8-byte aligned)."""
+    fields = [x] + ([x_scales.to(torch.float32)] if x_scales is not None else [])
+    fields += [topk_ids.to(torch.int32), topk_weights.to(torch.float32)]
+    packed = [_bytes(f) for f in fields]
+    return packed, [_aligned(p.shape[1]) for p in packed]
+
+
+def _write_rows(out: torch.Tensor, packed: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
+    """Write the packed fields side by side into ``out [..., T, sum(widths)]`` (broadcast over leading dims)."""
+    at = 0
+    for p, w in zip(packed, widths, strict=True):
+        out[..., : p.shape[0], at : at + p.shape[1]] = p
+        at += w
+    return out
+
+
+def _unpack(
+    recv: torch.Tensor,
+    packed: list[torch.Tensor],
+    widths: list[int],
+    dtype: torch.dtype,
+    has_scales: bool,
+    rank: int,
+    local: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Received packed rows → ``(x, x_scales, local ids (-1: another rank's), weights (0 there))``."""
+    cols = recv.split(widths, dim=1)
+    cols = [c[:, : p.shape[1]] for c, p in zip(cols, packed, strict=True)]
+    got_x = _unbytes(cols[0], dtype, copy=True)  # contiguous, as kernels take it
+    got_scales = _unbytes(cols[1], torch.float32) if has_scales else None
+    got_ids = _unbytes(cols[-2], torch.int32).long() - rank * local
+    mine = (got_ids >= 0) & (got_ids < local)
+    got_ids = got_ids.masked_fill_(~mine, -1)
+    got_w = _unbytes(cols[-1], torch.float32).masked_fill(~mine, 0.0)
+    return got_x, got_scales, got_ids, got_w
+
+
 @collective_guard("ep_dispatch")
 def ep_dispatch(
     x: torch.Tensor,
@@ -191,6 +235,7 @@ def ep_dispatch(
     *,
     num_experts: int,
     x_scales: torch.Tensor | None = None,
+    max_tokens_per_rank: int | None = None,
     group: Any = None,
 ) -> Dispatched:
     """Send each token once to every rank owning one of its experts; see :func:`hal.ops.catalogue.ep_dispatch`.
@@ -202,13 +247,18 @@ def ep_dispatch(
     and the rows. Each token is packed once into a byte row ``[x | x_scales | global ids (int32) |
     weights]`` (fields 8-byte aligned) and the rows are gathered per destination with one
     ``index_select``; the receiver turns global ids into local ones (``-1`` and weight 0 for another
-    rank's experts) and reads the metadata as views of the received bytes.
+    rank's experts) and reads the metadata as views of the received bytes. With ``max_tokens_per_rank``
+    (low-latency mode) see :func:`_dispatch_low_latency`: one collective.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local = num_experts // world
     num_tokens = topk_ids.shape[0]
     dev = x.device
+    if max_tokens_per_rank is not None:
+        ll = (num_experts, max_tokens_per_rank, world, rank)
+        return _dispatch_low_latency(x, x_scales, topk_ids, topk_weights, *ll, group)
+    packed, widths = _packed_fields(x, x_scales, topk_ids, topk_weights)
     # goes[r, t]: token t selected at least one of rank r's experts (it is sent there once).
     owner = torch.div(topk_ids, local, rounding_mode="floor").long()
     goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev).scatter_(0, owner.t(), True)
@@ -217,18 +267,10 @@ def ep_dispatch(
     pending = dist.all_to_all_single(recv_counts_t, send_counts, group=group, async_op=True)
 
     # While the counts travel: one packed byte row per token, then the rows each rank gets, by rank.
-    fields = [x] + ([x_scales.to(torch.float32)] if x_scales is not None else [])
-    fields += [topk_ids.to(torch.int32), topk_weights.to(torch.float32)]
-    packed = [_bytes(f) for f in fields]
-    widths = [_aligned(p.shape[1]) for p in packed]
     if widths == [p.shape[1] for p in packed]:
         table = torch.cat(packed, dim=1)
     else:  # a field to pad (an odd hidden size, a top_k of 1)
-        table = torch.zeros(num_tokens, sum(widths), dtype=torch.uint8, device=dev)
-        at = 0
-        for p, w in zip(packed, widths, strict=True):
-            table[:, at : at + p.shape[1]] = p
-            at += w
+        table = _write_rows(torch.zeros(num_tokens, sum(widths), dtype=torch.uint8, device=dev), packed, widths)
     send_index = goes.nonzero()[:, 1]  # row-major: by destination rank, then token
     send = table.index_select(0, send_index)
     send_list = [int(c) for c in send_counts.tolist()]
@@ -238,17 +280,101 @@ def ep_dispatch(
     recv = torch.empty(sum(recv_counts), table.shape[1], dtype=torch.uint8, device=dev)
     dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_list, group=group)
 
-    cols = recv.split(widths, dim=1)
-    cols = [c[:, : p.shape[1]] for c, p in zip(cols, packed, strict=True)]
-    got_x = _unbytes(cols[0], x.dtype, copy=True)  # contiguous, as kernels take it
-    got_scales = _unbytes(cols[1], torch.float32) if x_scales is not None else None
-    got_ids = _unbytes(cols[-2], torch.int32).long() - rank * local
-    mine = (got_ids >= 0) & (got_ids < local)
-    got_ids = got_ids.masked_fill_(~mine, -1)
-    got_w = _unbytes(cols[-1], torch.float32).masked_fill(~mine, 0.0)
+    got = _unpack(recv, packed, widths, x.dtype, x_scales is not None, rank, local)
     handle = DispatchHandle(
         send_index=send_index, send_counts=send_list, recv_counts=recv_counts, num_tokens=num_tokens
     )
+    return Dispatched(*got, handle)
+
+
+@functools.lru_cache(maxsize=64)
+def _expert_tables(num_experts: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lookup tables over the global expert ids: ``(local [world, E], owner [E])``, expert ``e``'s id on
+    rank ``r`` (``-1``: another rank's) and the rank owning it."""
+    per_rank = num_experts // world
+    ids = torch.arange(num_experts, device=device)
+    owner = torch.div(ids, per_rank, rounding_mode="floor")
+    ranks = torch.arange(world, device=device).unsqueeze(1)
+    local = torch.where(owner == ranks, ids - ranks * per_rank, -1)
+    return local, owner
+
+
+def _remote_splits(world: int, rank: int, rows: int) -> list[int]:
+    """All-to-all splits that skip this rank: ``rows`` to (from) every other rank, 0 to (from) itself."""
+    return [0 if r == rank else rows for r in range(world)]
+
+
+def _dispatch_low_latency(
+    x: torch.Tensor,
+    x_scales: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_experts: int,
+    max_tokens: int,
+    world: int,
+    rank: int,
+    group: Any,
+) -> Dispatched:
+    """Low-latency mode: every rank's whole token table, padded to ``max_tokens`` rows, goes to every
+    other rank in one ``all_to_all_single`` of fixed splits (no count exchange: the sizes are known to
+    all), and nothing is left to do once it arrives.
+
+    - The table is written once, straight into the first block of the receive buffer (this rank's own
+      slots, which never travel); that block is what is sent (repeated for more than one other rank),
+      and the other ranks' tables arrive behind it.
+    - A row carries, besides x and its scales, every rank's view of the token's routing: for each rank
+      ``r`` the token's experts as ``r``'s local ids (int64, ``-1`` for another rank's) and the weights
+      (0 there), computed by the sender with one table lookup per rank. So the received ids and weights
+      are already what the local experts take, and every output is a view made before the exchange.
+    - The combine's bookkeeping (which results to ignore) is also done before the exchange.
+    - Slots past ``T`` are zeros with ids ``-1``.
+    """
+    num_tokens, top_k, dev = topk_ids.shape[0], topk_ids.shape[1], topk_ids.device
+    local_of, owner_of = _expert_tables(num_experts, world, dev)
+    flat_ids = topk_ids.reshape(-1)
+    local = [local_of[r].index_select(0, flat_ids).view(num_tokens, top_k) for r in range(world)]
+    weights = topk_weights.to(torch.float32)
+    fields = [x] + ([x_scales.to(torch.float32)] if x_scales is not None else [])
+    fields += local + [weights.masked_fill(ids < 0, 0.0) for ids in local]
+    packed = [_bytes(f) for f in fields]
+    widths = [_aligned(p.shape[1]) for p in packed]
+    row, rows = sum(widths), world * max_tokens
+    recv = torch.empty(rows, row, dtype=torch.uint8, device=dev)
+    own = recv[:max_tokens]
+    if num_tokens < max_tokens:
+        own[num_tokens:].zero_()
+        for r in range(world):  # nobody's: ids -1 (all-ones bytes)
+            at = sum(widths[: len(fields) - 2 * world + r])
+            own[num_tokens:, at : at + 8 * top_k] = 0xFF
+    _write_rows(own, packed, widths)
+
+    # The outputs, as views of the slots (x's row stride is the packed row's).
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    ids_field = len(fields) - 2 * world + rank
+    got_x = recv[:, : packed[0].shape[1]].view(x.dtype)
+    got_scales = (
+        recv[:, starts[1] : starts[1] + packed[1].shape[1]].view(torch.float32) if x_scales is not None else None
+    )
+    got_ids = recv[:, starts[ids_field] : starts[ids_field] + 8 * top_k].view(torch.int64)
+    w_at = starts[ids_field + world]
+    got_w = recv[:, w_at : w_at + 4 * top_k].view(torch.float32)
+
+    # The combine's bookkeeping: which tokens selected none of each rank's experts.
+    goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev)
+    goes.scatter_(0, owner_of.index_select(0, flat_ids).view(num_tokens, top_k).t(), True)
+    skipped = goes.logical_not_()
+    own_ignored = skipped[rank].nonzero().squeeze(1)
+    others = [r for r in range(world) if r != rank]
+    padded = torch.zeros(len(others), max_tokens, dtype=torch.bool, device=dev)
+    padded[:, :num_tokens] = skipped[others]
+    remote_ignored = padded.view(-1).nonzero().squeeze(1)
+    counts = [max_tokens] * world
+    handle = DispatchHandle(own_ignored, counts, counts, num_tokens, max_tokens, remote_ignored)
+
+    if world > 1:
+        send = own if world == 2 else own.expand(world - 1, max_tokens, row).reshape(-1, row)
+        splits = _remote_splits(world, rank, max_tokens)
+        dist.all_to_all_single(recv[max_tokens:], send, splits, splits, group=group)
     return Dispatched(got_x, got_scales, got_ids, got_w, handle)
 
 
@@ -262,7 +388,12 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     gathered into ``m`` token-ordered ``[T, H]`` slices (a zero row where a token has fewer terms) and
     added in source-rank order. Two terms are added in y's dtype, which for bf16 / fp16 is the fp32 sum
     rounded once, as an fp32 accumulation gives; more are accumulated in fp32.
+
+    Low-latency mode: one equal-split exchange brings back ``world`` slices of ``M`` rows; the ignored
+    slots are zeroed and the slices added in rank order the same way, so both modes give the same sums.
     """
+    if handle.max_tokens_per_rank is not None:
+        return _combine_low_latency(y, handle, group)
     rows, hidden = sum(handle.send_counts), y.shape[1]
     back = torch.empty(rows + 1, hidden, dtype=y.dtype, device=y.device)  # the last row stays zero
     dist.all_to_all_single(
@@ -274,6 +405,31 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     )
     back[rows].zero_()
     return _sum_by_token(back, handle.send_index.to(device=y.device), handle.num_tokens)
+
+
+def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) -> torch.Tensor:
+    """Low-latency combine: the own block of ``y`` stays; the others go back to their ranks in one
+    fixed-split exchange. Token ``t``'s terms are then added in rank order, ignored slots left out, so
+    the sums are the normal mode's."""
+    world, hidden, tokens, m = len(handle.send_counts), y.shape[1], handle.num_tokens, handle.max_tokens_per_rank
+    assert m is not None and handle.remote_ignored is not None  # low-latency handles carry both
+    own_ignored = handle.send_index.to(device=y.device)
+    own = y[:tokens] if own_ignored.numel() == 0 else y[:tokens].index_fill(0, own_ignored, 0)
+    if world == 1:
+        return own.clone() if own_ignored.numel() == 0 else own  # never a view of y
+    rank = dist.get_rank(group)
+    back = torch.empty((world - 1) * m, hidden, dtype=y.dtype, device=y.device)
+    splits = _remote_splits(world, rank, m)
+    dist.all_to_all_single(_bytes(back), _bytes(y[m:]), splits, splits, group=group)
+    back.index_fill_(0, handle.remote_ignored.to(device=y.device), 0)
+    remote = back.view(world - 1, m, hidden)[:, :tokens]
+    parts = [*remote[:rank], own, *remote[rank:]]  # rank order
+    if world == 2:
+        return parts[0] + parts[1]  # for bf16 / fp16 the fp32 sum rounded once
+    out = parts[0].to(torch.float32, copy=True)  # more terms: accumulate in fp32 in rank order, round once
+    for p in parts[1:]:
+        out += p
+    return out.to(y.dtype)
 
 
 def _sum_by_token(back: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -9,11 +9,14 @@ dispatch → local experts → combine.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from hal.errors import CollectiveError
+import hal
+from hal.errors import CollectiveError, OpInputError, ShapeError
 from hal.ops import catalogue
 from hal.testing.dist import assert_passed, checks_in, run_checks
 from hal.types import Dispatched, DispatchHandle
@@ -211,7 +214,96 @@ def check_identity(rank: int) -> None:
         _same(ref.ep_combine(y, d.handle), x.to(dtype))
 
 
+# -- the low-latency mode (max_tokens_per_rank): fixed slots, one exchange ---------------------------
+
+
+def _slots_in_rank_order(world: int, rank: int, m: int) -> torch.Tensor:
+    """The low-latency slot of every (source rank, token) in rank order: this rank's block comes first."""
+    order = [rank] + [r for r in range(world) if r != rank]
+    return torch.cat([torch.arange(m) + order.index(src) * m for src in range(world)])
+
+
+def _check_low_latency_like_normal(rank: int, routings: list[Routing], experts: int, m: int) -> None:
+    """Both modes receive the same routed rows (the low-latency slots of the tokens that skipped this
+    rank carry ids -1 and weight 0, those past a source's T zeros), and the combines agree bit for bit
+    in fp32 and bf16, whatever the ignored slots' results hold."""
+    world = dist.get_world_size()
+    x, ids, w = routings[rank]
+    for dtype in (torch.float32, torch.bfloat16):
+        normal = ref.ep_dispatch(x.to(dtype), ids, w, num_experts=experts)
+        ll = ref.ep_dispatch(x.to(dtype), ids, w, num_experts=experts, max_tokens_per_rank=m)
+        assert ll.x.shape == (world * m, x.shape[1]) and ll.handle.max_tokens_per_rank == m
+        slots = _slots_in_rank_order(world, rank, m)
+        got_x, got_ids, got_w = ll.x[slots], ll.topk_ids[slots], ll.topk_weights[slots]
+        routed = (got_ids >= 0).any(dim=1)
+        _same(got_x[routed], normal.x)
+        _same(got_ids[routed], normal.topk_ids)
+        _same(got_w[routed], normal.topk_weights)
+        assert bool((got_ids[~routed] == -1).all()) and bool((got_w[~routed] == 0).all())
+        for src, (xs, _, _) in enumerate(routings):  # slots past the source's T: zeros
+            pad = got_x[src * m + xs.shape[0] : (src + 1) * m]
+            _same(pad, torch.zeros_like(pad))
+        # The local experts' results: f = 1.5·x weighted; NaN where no local expert (must be ignored).
+        y_normal = (normal.x.float() * normal.topk_weights.sum(dim=1, keepdim=True) * 1.5).to(dtype)
+        y_ll = (ll.x.float() * ll.topk_weights.sum(dim=1, keepdim=True) * 1.5).to(dtype)
+        y_ll[~(ll.topk_ids >= 0).any(dim=1)] = float("nan")
+        out = ref.ep_combine(y_ll, ll.handle)
+        assert not out.isnan().any(), "an ignored slot's result was added"
+        _same(out, ref.ep_combine(y_normal, normal.handle))
+
+
+def _ll_routings(world: int, seed: int, tokens: list[int], top_k: int, experts: int) -> list[Routing]:
+    return [_random_routing(r, tokens[r], 16, top_k, experts, seed) for r in range(world)]
+
+
+def check_low_latency_like_normal(rank: int) -> None:
+    world = dist.get_world_size()
+    cases = [  # (tokens per rank, top_k, experts per rank, max_tokens_per_rank)
+        ([13] * world, 2, 2, 13),  # every slot used
+        ([32, 20, 7, 1][:world], 4, 4, 40),  # uneven T, slots past T
+        ([0] + [9] * (world - 1), 2, 2, 9),  # a rank without tokens
+        ([7] * world, 1, 1, 9),  # top-1: one rank per token
+        ([30] * world, 8, 4, 30),  # top-8 over every rank's experts
+    ]
+    for seed, (tokens, top_k, per_rank, m) in enumerate(cases):
+        routings = _ll_routings(world, seed, tokens, top_k, per_rank * world)
+        _check_low_latency_like_normal(rank, routings, per_rank * world, m)
+
+
+def check_low_latency_fp8_payload(rank: int) -> None:
+    experts, hidden, m = 4, 256, 16
+
+    def payload(r: int) -> Routing:
+        g = torch.Generator().manual_seed(40 + r)
+        return (torch.randn(12, hidden, generator=g) * 50).to(FP8), torch.rand(12, hidden // 128, generator=g) + 0.5
+
+    x, scales = payload(rank)
+    ids = torch.randint(0, experts, (12, 2), generator=torch.Generator().manual_seed(rank))
+    w = torch.rand(12, 2)
+    d = ref.ep_dispatch(x, ids, w, num_experts=experts, x_scales=scales, max_tokens_per_rank=m)
+    assert d.x.dtype == FP8 and d.x_scales is not None
+    other_x, other_scales = payload(1 - rank)
+    # The own block, then the other rank's: every token bit for bit whatever its routing, zeros past T.
+    pad = torch.zeros(m - 12, hidden, dtype=FP8)
+    _same(d.x, torch.cat([x, pad, other_x, pad]))
+    _same(d.x_scales, torch.cat([scales, torch.zeros(m - 12, 2), other_scales, torch.zeros(m - 12, 2)]))
+
+
+def check_low_latency_refusals(rank: int) -> None:
+    be = hal.get_backend("cpu")  # the validated ops
+    x, ids, w = _random_routing(rank, 6, 16, 2, 4)
+    with pytest.raises(ShapeError, match="more than max_tokens_per_rank"):
+        be.ep_dispatch(x, ids, w, num_experts=4, max_tokens_per_rank=5)
+    with pytest.raises(OpInputError, match="max_tokens_per_rank"):
+        be.ep_dispatch(x, ids, w, num_experts=4, max_tokens_per_rank=0)
+    d = be.ep_dispatch(x, ids, w, num_experts=4, max_tokens_per_rank=8)
+    assert d.x.shape == (16, 16)
+    with pytest.raises(ShapeError, match="rows received"):
+        be.ep_combine(torch.zeros(6, 16), d.handle)
+
+
 _CHECKS = checks_in(globals())
+_WIDE_CHECKS = {"low_latency_like_normal": check_low_latency_like_normal}
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +320,18 @@ def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | N
 @pytest.mark.parametrize("check", list(_CHECKS))
 def test_ep(check: str, verdicts: list[dict[str, str | None]]) -> None:
     assert_passed(verdicts, check)
+
+
+@pytest.mark.distributed
+def test_low_latency_on_three_ranks(tmp_path: Path) -> None:
+    # Three ranks: the own block sits between the other two in rank order, the send is repeated, and a
+    # token can take three terms (accumulated in fp32 for bf16).
+    try:
+        verdicts = run_checks(_WIDE_CHECKS, out_dir=tmp_path, world=3, timeout_s=JOIN_TIMEOUT_S)
+    except TimeoutError as e:
+        pytest.fail(f"the 3-process gloo job did not finish: {e}")
+    for check in _WIDE_CHECKS:
+        assert_passed(verdicts, check)
 
 
 def test_no_process_group_raises() -> None:
