@@ -48,7 +48,6 @@ import torch.distributed as dist
 from hal.backend import Backend
 from hal.bench.shapes import Shape, ShapeSet, shape_set
 from hal.errors import BenchError
-from hal.testing.dist import free_port
 from hal.types import DispatchHandle
 
 __all__ = [
@@ -267,11 +266,13 @@ def _threads_per_rank() -> int:
 
 
 def follower(port: int, backend_name: str, shapes_name: str, dtype_name: str) -> None:
-    """Rank 1: join the group, then make the calls rank 0 announces until told to stop."""
+    """Rank 1: join the group through rank 0's store on ``port``, then make the calls rank 0 announces
+    until told to stop."""
     import hal
 
     torch.set_num_threads(_threads_per_rank())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=1, world_size=WORLD, timeout=_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=False, timeout=_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=1, world_size=WORLD, timeout=_TIMEOUT)
     try:
         backend = hal.get_backend(backend_name)
         shapes = shape_set(shapes_name)
@@ -310,15 +311,14 @@ class Pair:
         self.backend = backend
         self._threads = torch.get_num_threads()
         torch.set_num_threads(_threads_per_rank())
-        port = free_port()
+        # Rank 0 hosts the rendezvous store on a port the OS assigns as it binds (no free-port race with
+        # anything started at the same time); rank 1 connects to it.
+        store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
         ctx = multiprocessing.get_context("spawn")
-        self._proc = ctx.Process(
-            target=follower, args=(port, backend.name, shapes_name, str(dtype).removeprefix("torch.")), daemon=True
-        )
+        args = (store.port, backend.name, shapes_name, str(dtype).removeprefix("torch."))
+        self._proc = ctx.Process(target=follower, args=args, daemon=True)
         self._proc.start()
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=WORLD, timeout=_TIMEOUT
-        )
+        dist.init_process_group("gloo", store=store, rank=0, world_size=WORLD, timeout=_TIMEOUT)
 
     def announce(self, op: str, shape_index: int, impl: str, calls: int) -> None:
         """Tell rank 1 to make ``calls`` calls of ``op`` at shape ``shape_index`` through ``impl``."""
