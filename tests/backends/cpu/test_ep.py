@@ -268,6 +268,8 @@ def check_low_latency_like_normal(rank: int) -> None:
     for seed, (tokens, top_k, per_rank, m) in enumerate(cases):
         routings = _ll_routings(world, seed, tokens, top_k, per_rank * world)
         _check_low_latency_like_normal(rank, routings, per_rank * world, m)
+    int32 = [(x, ids.int(), w) for x, ids, w in _ll_routings(world, 9, [11] * world, 3, 3 * world)]
+    _check_low_latency_like_normal(rank, int32, 3 * world, 12)
 
 
 def check_low_latency_fp8_payload(rank: int) -> None:
