@@ -254,7 +254,8 @@ class Dispatched(NamedTuple):
     every id ``-1`` and every weight ``0`` (its x row is the token's, or zeros past ``T``). The tensors
     are then views of one receive buffer (rows strided by the packed row).
 
-    :ivar x: [R, H] the received token rows (x's dtype; fp8 travels as bytes where the transport lacks it).
+    :ivar x: [R, H] the received token rows (x's dtype; fp8 travels as bytes where the transport lacks it),
+        unit stride in H but possibly a view with a larger row stride (the reference's packed rows).
     :ivar x_scales: float32 [R, H / 128] the rows' FP8 scales when dispatched with ``x_scales``, else ``None``.
     :ivar topk_ids: int64 [R, top_k] each row's selected experts as LOCAL ids (``global - rank * E_local``),
         ``-1`` where the expert lives on another rank.

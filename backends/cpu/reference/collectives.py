@@ -166,18 +166,16 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def _unbytes(b: torch.Tensor, dtype: torch.dtype, *, copy: bool = False) -> torch.Tensor:
+def _unbytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of :func:`_bytes` on a column slice of packed byte rows: a view where the slice's
-    offset and row stride suit ``dtype`` (the packing aligns them), else (or with ``copy``) a copy."""
+    offset and row stride suit ``dtype`` (the packing aligns them), else a copy."""
     width = b.shape[1] // dtype.itemsize
     if b.shape[0] == 0:  # an empty slice keeps the packed row's stride, which view() may refuse
         return torch.empty(0, width, dtype=dtype, device=b.device)
-    if not copy:
-        try:
-            return b.view(dtype)
-        except RuntimeError:  # offset or stride not a multiple of the itemsize
-            pass
-    return b.contiguous().view(dtype)
+    try:
+        return b.view(dtype)
+    except RuntimeError:  # offset or stride not a multiple of the itemsize
+        return b.contiguous().view(dtype)
 
 
 def _aligned(n: int) -> int:
@@ -218,7 +216,7 @@ def _unpack(
     """Received packed rows → ``(x, x_scales, local ids (-1: another rank's), weights (0 there))``."""
     cols = recv.split(widths, dim=1)
     cols = [c[:, : p.shape[1]] for c, p in zip(cols, packed, strict=True)]
-    got_x = _unbytes(cols[0], dtype, copy=True)  # contiguous, as kernels take it
+    got_x = _unbytes(cols[0], dtype)  # a view: rows strided by the packed row (kernels take a row stride)
     got_scales = _unbytes(cols[1], torch.float32) if has_scales else None
     got_ids = _unbytes(cols[-2], torch.int32).long() - rank * local
     mine = (got_ids >= 0) & (got_ids < local)
@@ -409,27 +407,38 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
 
 def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) -> torch.Tensor:
     """Low-latency combine: the own block of ``y`` stays; the others go back to their ranks in one
-    fixed-split exchange. Token ``t``'s terms are then added in rank order, ignored slots left out, so
-    the sums are the normal mode's."""
+    fixed-split exchange. Token ``t``'s terms are added in rank order with the ignored slots left out
+    (the other ranks' are zeroed on arrival; the tokens that chose none of this rank's experts are summed
+    again afterwards without the own term, so ``y`` is never copied), which gives the normal mode's sums."""
     world, hidden, tokens, m = len(handle.send_counts), y.shape[1], handle.num_tokens, handle.max_tokens_per_rank
     assert m is not None and handle.remote_ignored is not None  # low-latency handles carry both
     own_ignored = handle.send_index.to(device=y.device)
-    own = y[:tokens] if own_ignored.numel() == 0 else y[:tokens].index_fill(0, own_ignored, 0)
+    own = y[:tokens]
     if world == 1:
-        return own.clone() if own_ignored.numel() == 0 else own  # never a view of y
+        return own.clone().index_fill_(0, own_ignored, 0)
     rank = dist.get_rank(group)
     back = torch.empty((world - 1) * m, hidden, dtype=y.dtype, device=y.device)
     splits = _remote_splits(world, rank, m)
     dist.all_to_all_single(_bytes(back), _bytes(y[m:]), splits, splits, group=group)
     back.index_fill_(0, handle.remote_ignored.to(device=y.device), 0)
-    remote = back.view(world - 1, m, hidden)[:, :tokens]
-    parts = [*remote[:rank], own, *remote[rank:]]  # rank order
-    if world == 2:
-        return parts[0] + parts[1]  # for bf16 / fp16 the fp32 sum rounded once
-    out = parts[0].to(torch.float32, copy=True)  # more terms: accumulate in fp32 in rank order, round once
+    remote = list(back.view(world - 1, m, hidden)[:, :tokens])
+    out = _add_in_order([*remote[:rank], own, *remote[rank:]], y.dtype)  # rank order
+    if own_ignored.numel():
+        out.index_copy_(0, own_ignored, _add_in_order([r.index_select(0, own_ignored) for r in remote], y.dtype))
+    return out
+
+
+def _add_in_order(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``parts[0] + parts[1] + ...`` in that order as a new tensor: two terms in ``dtype`` (for bf16 / fp16
+    the fp32 sum rounded once), more accumulated in fp32 and rounded once."""
+    if len(parts) == 1:
+        return parts[0].clone()
+    if len(parts) == 2:
+        return parts[0] + parts[1]
+    out = parts[0].to(torch.float32, copy=True)
     for p in parts[1:]:
         out += p
-    return out.to(y.dtype)
+    return out.to(dtype)
 
 
 def _sum_by_token(back: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
