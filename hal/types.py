@@ -276,8 +276,9 @@ class DispatchHandle(NamedTuple):
     :ivar send_index: int64 [S] the source token of each row this rank sent, in send order. In
         low-latency mode: the tokens ``t`` that selected none of this rank's own experts (the combine
         ignores their own-block results).
-    :ivar send_counts: rows sent to each rank (length world_size).
-    :ivar recv_counts: rows received from each rank (length world_size).
+    :ivar send_counts: rows sent to each rank (length world_size); in low-latency mode ``M`` for every
+        rank (the slots; this rank's own never travel).
+    :ivar recv_counts: rows received from each rank (length world_size); ``M`` each in low-latency mode.
     :ivar num_tokens: T, this rank's tokens before dispatch.
     :ivar max_tokens_per_rank: M in low-latency mode (one fixed-size exchange), ``None`` in normal mode.
     :ivar remote_ignored: low-latency mode only: the slots ``(j - 1) * M + t`` of the results coming back

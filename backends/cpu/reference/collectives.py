@@ -20,7 +20,8 @@ These are the fallback of every backend, so they use only what every torch.distr
   row, each field 8-byte aligned so the receiver reads them as views), so a dispatch costs two
   collectives whatever it carries; a combine costs one. The low-latency mode (``max_tokens_per_rank``,
   DeepEP's ``low_latency_dispatch`` for decode) drops the count exchange: every rank sends a fixed
-  ``M`` rows to every rank in one equal-split exchange, so a dispatch costs one collective too.
+  ``M`` rows to every other rank in one exchange (its own rows stay where they were written), so a
+  dispatch costs one collective too.
 
 Inputs are validated by :mod:`hal.ops.catalogue` before these run. A transport failure (a peer that
 exited, a collective that stalled past the process group's timeout) is raised as
@@ -387,8 +388,9 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     added in source-rank order. Two terms are added in y's dtype, which for bf16 / fp16 is the fp32 sum
     rounded once, as an fp32 accumulation gives; more are accumulated in fp32.
 
-    Low-latency mode: one equal-split exchange brings back ``world`` slices of ``M`` rows; the ignored
-    slots are zeroed and the slices added in rank order the same way, so both modes give the same sums.
+    Low-latency mode (:func:`_combine_low_latency`): the own block stays, one fixed-split exchange brings
+    back the other ranks' ``M`` rows each, and the terms are added in rank order the same way, so both
+    modes give the same sums.
     """
     if handle.max_tokens_per_rank is not None:
         return _combine_low_latency(y, handle, group)
