@@ -28,7 +28,8 @@ the dense MLP, each MoE layer's router and shared expert, the LM head, the embed
 and the routed experts that the batch's tokens select. The number of distinct experts per MoE layer
 and step is measured (the hook above); for batch 1 it is top-k, for batch 8 at most ``min(E, 8·k)``
 (printed too). The latent KV cache (< 1 MB here) is left out. Floor tokens/s = ``b · BW / bytes``, where
-BW is the fp32 GEMV read bandwidth measured at the start (``torch.mv`` on a 256 MiB matrix, median).
+BW is the fp32 GEMV read bandwidth measured at the start (``torch.mv`` on a 256 MiB matrix, the best of
+3 medians).
 
 **Quiet.** On a shared 2-core machine another process halves what either side gets; the cores that
 other processes used during the timed runs are measured (``/proc``) and printed with each row: rerun
@@ -163,8 +164,10 @@ def _gemv_bandwidth() -> float:
 
 @pytest.fixture(scope="module")
 def bandwidth() -> float:
-    """The bandwidth of the floor, measured once before any model is built."""
-    bw = _gemv_bandwidth()
+    """The bandwidth of the floor, measured before any model is built: the best of 3 medians, since one
+    slow spell of the shared host (seen: half the bandwidth once) would lower the floor and flatter
+    every "% of floor"; the highest figure gives the most demanding floor."""
+    bw = max(_gemv_bandwidth() for _ in range(3))
     _meta["bandwidth_GBps"] = round(bw / 1e9, 2)
     return bw
 
@@ -405,9 +408,9 @@ def test_decode_report() -> None:
     notes = [
         f"fp32, prompts {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens greedy, no EOS; decode tok/s = "
         f"b*(N-1) / (median t[N] - median t[1]) over whole generate() calls; torch threads {torch.get_num_threads()}",
-        f"floor = b * {bw} GB/s (fp32 torch.mv, 256 MiB, before the models; {_meta['bandwidth_GBps_after']} GB/s "
-        "after) / active fp32 weight bytes per step; 'experts' = distinct routed experts per MoE layer per "
-        "decode step (measured)",
+        f"floor = b * {bw} GB/s (fp32 torch.mv, 256 MiB, best of 3 medians before the models; "
+        f"{_meta['bandwidth_GBps_after']} GB/s after) / active fp32 weight bytes per step; 'experts' = "
+        "distinct routed experts per MoE layer per decode step (measured)",
         "cores used by other processes during the timed runs: "
         + ", ".join(f"{r['config']} b{r['batch']} {r['other_processes_cores']}" for r in _rows),
         "HAL's internal decode timer (GenerationResult.decode_tokens_per_s): "
