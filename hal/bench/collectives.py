@@ -25,8 +25,9 @@ op's own per-rank splits (dispatch: one row per (token, destination rank) of x, 
 weights; combine: the received rows back), so the ratio is the overhead of the layer: the count
 exchange, routing, packing, the per-token sum. Both modes of the ops are timed against that same
 baseline: ``hal`` (normal mode) and ``hal-ll`` (low-latency mode, ``max_tokens_per_rank = T``: one
-fixed-size exchange of ``WORLD · T`` slots, slightly more than the routed rows when a token skips a
-rank; its ``wire_bytes`` says how much). Bandwidths are reported the way nccl-tests does:
+fixed-size exchange of ``T`` slots to each other rank, whatever the routing, while a rank's own rows
+stay where they are written; its rows also carry every rank's local ids and weights, and its
+``wire_bytes`` says what it sends). Bandwidths are reported the way nccl-tests does:
 ``algbw = bytes / t`` and ``busbw = algbw · 2(n-1)/n`` for all-reduce, ``algbw · (n-1)/n`` for
 all-to-all; for ``ep_dispatch`` / ``ep_combine`` ``bytes`` is the anchors' formula (BENCHMARKS.md:
 ``tokens·top_k`` selected experts of ``hidden + hidden/128·4 + 16`` bytes for an FP8 dispatch,
@@ -243,7 +244,7 @@ def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal") -> dict[str, f
     """``bytes``, ``algbw_gbps`` and ``busbw_gbps`` (nccl-tests' conventions) of one call taking ``seconds``.
 
     For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends: the routed
-    rows, or for ``hal-ll`` the fixed ``WORLD · T`` slots) and its rate.
+    rows, or for ``hal-ll`` the ``(WORLD - 1) · T`` slots of the other ranks) and its rate.
     """
     size = nbytes(t)
     alg = size / seconds / 1e9
