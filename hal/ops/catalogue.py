@@ -967,10 +967,10 @@ def ep_dispatch(
         when x is not FP8.
     :param max_tokens_per_rank: M, for the low-latency mode (DeepEP's ``low_latency_dispatch``, for
         decode): every rank passes the same M and has ``T <= M``; the exchange is then one collective of
-        fixed size (``M`` rows to every other rank) instead of a row-count exchange followed by the rows, and
-        the result has ``world * M`` rows in fixed slots (:class:`hal.types.Dispatched`). It moves
-        ``world * M`` rows whatever the routing, so it pays off when T is small and most tokens reach
-        most ranks. ``None`` (the default): normal mode.
+        fixed size (``M`` rows to every other rank) instead of a row-count exchange followed by the
+        rows, and the result has ``world * M`` rows in fixed slots (:class:`hal.types.Dispatched`). It
+        sends ``(world - 1) * M`` rows whatever the routing, so it pays off when T is small and most
+        tokens reach most ranks. ``None`` (the default): normal mode.
     :param group: process group; ``None`` means the world.
     :returns: :class:`hal.types.Dispatched` ``(x, x_scales, topk_ids, topk_weights, handle)``.
     """
