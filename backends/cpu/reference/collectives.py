@@ -288,14 +288,21 @@ def ep_dispatch(
 
 @functools.lru_cache(maxsize=64)
 def _expert_tables(num_experts: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lookup tables over the global expert ids: ``(local [world, E], owner [E])``, expert ``e``'s id on
-    rank ``r`` (``-1``: another rank's) and the rank owning it."""
+    """Lookup tables over the global expert ids: ``(local [world, E + 1], owner [E])``, expert ``e``'s id
+    on rank ``r`` (``-1``: another rank's; the id ``E`` marks an empty slot, nobody's) and the rank
+    owning it."""
     per_rank = num_experts // world
     ids = torch.arange(num_experts, device=device)
     owner = torch.div(ids, per_rank, rounding_mode="floor")
     ranks = torch.arange(world, device=device).unsqueeze(1)
     local = torch.where(owner == ranks, ids - ranks * per_rank, -1)
-    return local, owner
+    return torch.cat([local, local.new_full((world, 1), -1)], dim=1), owner
+
+
+#: Up to this many ranks, a low-latency row carries every rank's local ids and weights (``world · top_k ·
+#: 12`` bytes) so that nothing is left to do after the exchange; above it, the global ids and the raw
+#: weights (``top_k · 12`` bytes), mapped to local ones by one lookup on arrival.
+PER_RANK_ROUTING_MAX_WORLD = 4
 
 
 def _remote_splits(world: int, rank: int, rows: int) -> list[int]:
@@ -316,46 +323,53 @@ def _dispatch_low_latency(
 ) -> Dispatched:
     """Low-latency mode: every rank's whole token table, padded to ``max_tokens`` rows, goes to every
     other rank in one ``all_to_all_single`` of fixed splits (no count exchange: the sizes are known to
-    all), and nothing is left to do once it arrives.
+    all).
 
     - The table is written once, straight into the first block of the receive buffer (this rank's own
       slots, which never travel); that block is what is sent (repeated for more than one other rank),
       and the other ranks' tables arrive behind it.
-    - A row carries, besides x and its scales, every rank's view of the token's routing: for each rank
-      ``r`` the token's experts as ``r``'s local ids (int64, ``-1`` for another rank's) and the weights
-      (0 there), computed by the sender with one table lookup per rank. So the received ids and weights
-      are already what the local experts take, and every output is a view made before the exchange.
-    - The combine's bookkeeping (which results to ignore) is also done before the exchange.
-    - Slots past ``T`` are zeros with ids ``-1``.
+    - Up to :data:`PER_RANK_ROUTING_MAX_WORLD` ranks, a row carries, besides x and its scales, every
+      rank's view of the token's routing: its experts as that rank's local ids (int64, ``-1`` for
+      another rank's) and the weights (0 there), from one table lookup per rank on the sender. The
+      received ids and weights are then what the local experts take, and every output is a view made
+      before the exchange: nothing is left to do once it arrives. With more ranks (where that would
+      grow every row by ``world · top_k · 12`` bytes) a row carries the global ids and the weights, and
+      one lookup and one mask on arrival make them local.
+    - The combine's bookkeeping (which results to ignore) is done before the exchange.
+    - Slots past ``T`` are zeros with ids ``-1`` (or the empty id ``E``, which maps to ``-1``).
     """
     num_tokens, top_k, dev = topk_ids.shape[0], topk_ids.shape[1], topk_ids.device
     local_of, owner_of = _expert_tables(num_experts, world, dev)
     flat_ids = topk_ids.reshape(-1)
-    local = [local_of[r].index_select(0, flat_ids).view(num_tokens, top_k) for r in range(world)]
     weights = topk_weights.to(torch.float32)
-    fields = [x] + ([x_scales.to(torch.float32)] if x_scales is not None else [])
-    fields += local + [weights.masked_fill(ids < 0, 0.0) for ids in local]
+    per_rank = world <= PER_RANK_ROUTING_MAX_WORLD
+    if per_rank:
+        local = [local_of[r].index_select(0, flat_ids).view(num_tokens, top_k) for r in range(world)]
+        routing = local + [weights.masked_fill(ids < 0, 0.0) for ids in local]
+    else:
+        routing = [topk_ids.to(torch.int64), weights]
+    fields = [x] + ([x_scales.to(torch.float32)] if x_scales is not None else []) + routing
     packed = [_bytes(f) for f in fields]
     widths = [_aligned(p.shape[1]) for p in packed]
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    first_id = len(fields) - len(routing)  # the first ids field
+    ids_at = starts[first_id + rank] if per_rank else starts[first_id]
+    w_at = starts[first_id + world + rank] if per_rank else starts[first_id + 1]
     row, rows = sum(widths), world * max_tokens
     recv = torch.empty(rows, row, dtype=torch.uint8, device=dev)
     own = recv[:max_tokens]
     if num_tokens < max_tokens:
         own[num_tokens:].zero_()
-        for r in range(world):  # nobody's: ids -1 (all-ones bytes)
-            at = sum(widths[: len(fields) - 2 * world + r])
-            own[num_tokens:, at : at + 8 * top_k] = 0xFF
+        for f in range(first_id, first_id + (world if per_rank else 1)):  # nobody's: -1, or the empty id E
+            own[num_tokens:, starts[f] : starts[f] + 8 * top_k].view(torch.int64).fill_(-1 if per_rank else num_experts)
     _write_rows(own, packed, widths)
 
     # The outputs, as views of the slots (x's row stride is the packed row's).
-    starts = [sum(widths[:i]) for i in range(len(widths))]
-    ids_field = len(fields) - 2 * world + rank
     got_x = recv[:, : packed[0].shape[1]].view(x.dtype)
-    got_scales = (
-        recv[:, starts[1] : starts[1] + packed[1].shape[1]].view(torch.float32) if x_scales is not None else None
-    )
-    got_ids = recv[:, starts[ids_field] : starts[ids_field] + 8 * top_k].view(torch.int64)
-    w_at = starts[ids_field + world]
+    got_scales = None
+    if x_scales is not None:
+        got_scales = recv[:, starts[1] : starts[1] + packed[1].shape[1]].view(torch.float32)
+    got_ids = recv[:, ids_at : ids_at + 8 * top_k].view(torch.int64)
     got_w = recv[:, w_at : w_at + 4 * top_k].view(torch.float32)
 
     # The combine's bookkeeping: which tokens selected none of each rank's experts.
@@ -374,6 +388,9 @@ def _dispatch_low_latency(
         send = own if world == 2 else own.expand(world - 1, max_tokens, row).reshape(-1, row)
         splits = _remote_splits(world, rank, max_tokens)
         dist.all_to_all_single(recv[max_tokens:], send, splits, splits, group=group)
+    if not per_rank:  # global ids and raw weights arrived: make them this rank's
+        got_ids = local_of[rank].index_select(0, got_ids.reshape(-1)).view(rows, top_k)
+        got_w = got_w.masked_fill(got_ids < 0, 0.0)
     return Dispatched(got_x, got_scales, got_ids, got_w, handle)
 
 

@@ -257,6 +257,18 @@ def _ll_routings(world: int, seed: int, tokens: list[int], top_k: int, experts: 
 
 
 def check_low_latency_like_normal(rank: int) -> None:
+    # Both ways of carrying the routing: every rank's local ids in each row (few ranks, the default
+    # here), and the global ids mapped on arrival (what more ranks than PER_RANK_ROUTING_MAX_WORLD take).
+    limit = ref.PER_RANK_ROUTING_MAX_WORLD
+    try:
+        for max_world in (limit, 1):
+            ref.PER_RANK_ROUTING_MAX_WORLD = max_world
+            _low_latency_like_normal_cases(rank)
+    finally:
+        ref.PER_RANK_ROUTING_MAX_WORLD = limit
+
+
+def _low_latency_like_normal_cases(rank: int) -> None:
     world = dist.get_world_size()
     cases = [  # (tokens per rank, top_k, experts per rank, max_tokens_per_rank)
         ([13] * world, 2, 2, 13),  # every slot used
