@@ -258,9 +258,7 @@ def ep_dispatch(
         ll = (num_experts, max_tokens_per_rank, world, rank)
         return _dispatch_low_latency(x, x_scales, topk_ids, topk_weights, *ll, group)
     packed, widths = _packed_fields(x, x_scales, topk_ids, topk_weights)
-    # goes[r, t]: token t selected at least one of rank r's experts (it is sent there once).
-    owner = torch.div(topk_ids, local, rounding_mode="floor").long()
-    goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev).scatter_(0, owner.t(), True)
+    goes = _destinations(topk_ids, local, world)  # each token is sent once to each of them
     send_counts = goes.sum(dim=1)
     recv_counts_t = torch.empty_like(send_counts)
     pending = dist.all_to_all_single(recv_counts_t, send_counts, group=group, async_op=True)
@@ -286,17 +284,21 @@ def ep_dispatch(
     return Dispatched(*got, handle)
 
 
+def _destinations(topk_ids: torch.Tensor, per_rank: int, world: int) -> torch.Tensor:
+    """bool [world, T]: token ``t`` selected at least one of rank ``r``'s experts."""
+    owner = torch.div(topk_ids, per_rank, rounding_mode="floor").long()
+    return torch.zeros(world, topk_ids.shape[0], dtype=torch.bool, device=topk_ids.device).scatter_(0, owner.t(), True)
+
+
 @functools.lru_cache(maxsize=64)
-def _expert_tables(num_experts: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lookup tables over the global expert ids: ``(local [world, E + 1], owner [E])``, expert ``e``'s id
-    on rank ``r`` (``-1``: another rank's; the id ``E`` marks an empty slot, nobody's) and the rank
-    owning it."""
+def _local_ids(num_experts: int, world: int, device: torch.device) -> torch.Tensor:
+    """int64 [world, E + 1]: expert ``e``'s id on rank ``r`` (``-1``: another rank's); the id ``E`` marks an
+    empty slot, nobody's."""
     per_rank = num_experts // world
     ids = torch.arange(num_experts, device=device)
-    owner = torch.div(ids, per_rank, rounding_mode="floor")
     ranks = torch.arange(world, device=device).unsqueeze(1)
-    local = torch.where(owner == ranks, ids - ranks * per_rank, -1)
-    return torch.cat([local, local.new_full((world, 1), -1)], dim=1), owner
+    local = torch.where(ids // per_rank == ranks, ids - ranks * per_rank, -1)
+    return torch.cat([local, local.new_full((world, 1), -1)], dim=1)
 
 
 #: Up to this many ranks, a low-latency row carries every rank's local ids and weights (``world · top_k ·
@@ -339,7 +341,7 @@ def _dispatch_low_latency(
     - Slots past ``T`` are zeros with ids ``-1`` (or the empty id ``E``, which maps to ``-1``).
     """
     num_tokens, top_k, dev = topk_ids.shape[0], topk_ids.shape[1], topk_ids.device
-    local_of, owner_of = _expert_tables(num_experts, world, dev)
+    local_of = _local_ids(num_experts, world, dev)
     flat_ids = topk_ids.reshape(-1)
     weights = topk_weights.to(torch.float32)
     per_rank = world <= PER_RANK_ROUTING_MAX_WORLD
@@ -373,9 +375,7 @@ def _dispatch_low_latency(
     got_w = recv[:, w_at : w_at + 4 * top_k].view(torch.float32)
 
     # The combine's bookkeeping: which tokens selected none of each rank's experts.
-    goes = torch.zeros(world, num_tokens, dtype=torch.bool, device=dev)
-    goes.scatter_(0, owner_of.index_select(0, flat_ids).view(num_tokens, top_k).t(), True)
-    skipped = goes.logical_not_()
+    skipped = _destinations(topk_ids, num_experts // world, world).logical_not_()
     own_ignored = skipped[rank].nonzero().squeeze(1)
     others = [r for r in range(world) if r != rank]
     padded = torch.zeros(len(others), max_tokens, dtype=torch.bool, device=dev)
