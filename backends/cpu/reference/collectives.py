@@ -399,11 +399,10 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     """Send every received row's result back and sum per token; see :func:`hal.ops.catalogue.ep_combine`.
 
     The reverse of the dispatch's exchange (splits swapped). A token gets at most one row back from each
-    rank it was sent to, so its sum has ``m <= min(world, top_k)`` terms: rather than an ``index_add_``
-    over every row (a scatter, in fp32, with two dtype conversions of every row for bf16), the rows are
-    gathered into ``m`` token-ordered ``[T, H]`` slices (a zero row where a token has fewer terms) and
-    added in source-rank order. Two terms are added in y's dtype, which for bf16 / fp16 is the fp32 sum
-    rounded once, as an fp32 accumulation gives; more are accumulated in fp32.
+    rank it was sent to, so its sum has at most ``world`` terms, added in source-rank order by one
+    ``index_add_`` per rank's block (:func:`_sum_by_token`). With two ranks the sums run in y's dtype,
+    which for bf16 / fp16 is the fp32 sum rounded once, as an fp32 accumulation gives (and no fp32 copy
+    of the rows is made); with more they run in fp32.
 
     Low-latency mode (:func:`_combine_low_latency`): the own block stays, one fixed-split exchange brings
     back the other ranks' ``M`` rows each, and the terms are added in rank order the same way, so both
@@ -412,16 +411,15 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     if handle.max_tokens_per_rank is not None:
         return _combine_low_latency(y, handle, group)
     rows, hidden = sum(handle.send_counts), y.shape[1]
-    back = torch.empty(rows + 1, hidden, dtype=y.dtype, device=y.device)  # the last row stays zero
+    back = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)
     dist.all_to_all_single(
-        _bytes(back[:rows]),
+        _bytes(back),
         _bytes(y),
         output_split_sizes=list(handle.send_counts),
         input_split_sizes=list(handle.recv_counts),
         group=group,
     )
-    back[rows].zero_()
-    return _sum_by_token(back, handle.send_index.to(device=y.device), handle.num_tokens)
+    return _sum_by_token(back, handle.send_index.to(device=y.device), handle.send_counts, handle.num_tokens)
 
 
 def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) -> torch.Tensor:
@@ -460,26 +458,24 @@ def _add_in_order(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor
     return out.to(dtype)
 
 
-def _sum_by_token(back: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def _sum_by_token(back: torch.Tensor, token: torch.Tensor, blocks: list[int], num_tokens: int) -> torch.Tensor:
     """``out[t] = Σ back[r]`` over the rows ``r`` with ``token[r] == t``, in row order, fp32-accurate.
 
-    :param back: [R + 1, H], the rows then one zero row.
-    :param token: int64 [R], each row's token.
+    :param back: [R, H], the rows: ``blocks[i]`` rows from rank ``i``, in rank order.
+    :param token: int64 [R], each row's token; a token appears at most once in a rank's block.
+    :param blocks: rows per rank (summing to R).
     :returns: back's dtype [num_tokens, H].
+
+    One ``index_add_`` per rank's block into a zero output: within a block the tokens are distinct, so
+    each token's terms are added in rank order. With at most two ranks a token has at most two terms,
+    and ``0 + a + b`` in back's dtype is the fp32 sum rounded once; with more, the sum runs in fp32.
     """
-    rows, hidden = back.shape[0] - 1, back.shape[1]
-    if rows == 0 or num_tokens == 0:
-        return torch.zeros(num_tokens, hidden, dtype=back.dtype, device=back.device)
-    # pos[j, t]: the row of token t's j-th term (in row order), else the zero row.
-    counts = torch.bincount(token, minlength=num_tokens)
-    terms = int(counts.max())
-    by_token, row = torch.sort(token, stable=True)
-    slot = torch.arange(rows, device=back.device) - (counts.cumsum(0) - counts)[by_token]
-    pos = torch.full((terms, num_tokens), rows, dtype=torch.int64, device=back.device)
-    pos[slot, by_token] = row
-    out = back.index_select(0, pos[0])
-    if terms > 2 and back.dtype != torch.float32:
-        out = out.float()
-    for j in range(1, terms):
-        out += back.index_select(0, pos[j])
+    hidden = back.shape[1]
+    acc_dtype = back.dtype if len(blocks) <= 2 else torch.float32
+    out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=back.device)
+    start = 0
+    for n in blocks:
+        if n:
+            out.index_add_(0, token[start : start + n], back[start : start + n].to(acc_dtype))
+        start += n
     return out.to(back.dtype)
