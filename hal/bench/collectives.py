@@ -20,14 +20,15 @@ benchmark times the combine alone).
 
 Each is compared with plain ``torch.distributed`` moving the same bytes (``all_reduce`` in place,
 ``all_to_all_single`` into a fresh output, as HAL's ``all_to_all`` returns one). For ``ep_dispatch`` and
-``ep_combine`` the baseline is one ``all_to_all_single`` of the bytes the op really moves, with the
-op's own per-rank splits (dispatch: one row per (token, destination rank) of x, scales, expert ids and
-weights; combine: the received rows back), so the ratio is the overhead of the layer: the count
-exchange, routing, packing, the per-token sum. Both modes of the ops are timed against that same
-baseline: ``hal`` (normal mode) and ``hal-ll`` (low-latency mode, ``max_tokens_per_rank = T``: one
-fixed-size exchange of ``T`` slots to each other rank, whatever the routing, while a rank's own rows
-stay where they are written; its rows also carry every rank's local ids and weights, and its
-``wire_bytes`` says what it sends). Bandwidths are reported the way nccl-tests does:
+``ep_combine`` the baseline is one ``all_to_all_single`` of the routed rows with the op's per-rank
+splits (dispatch: one row per (token, destination rank) of x, scales, expert ids and weights; combine:
+the received rows back), a rank's rows for itself included, as a plain exchange copies them; so the
+ratio is what the layer costs over moving the payload: the count exchange, routing, packing, the
+per-token sum, less what it saves. Both modes of the ops are timed against that same baseline: ``hal``
+(normal mode: a rank's own rows never travel) and ``hal-ll`` (low-latency mode, ``max_tokens_per_rank
+= T``: one fixed-size exchange of ``T`` slots to each other rank, whatever the routing, while a rank's
+own rows stay where they are written; its rows also carry every rank's local ids and weights); their
+``wire_bytes`` say what they send. Bandwidths are reported the way nccl-tests does:
 ``algbw = bytes / t`` and ``busbw = algbw · 2(n-1)/n`` for all-reduce, ``algbw · (n-1)/n`` for
 all-to-all; for ``ep_dispatch`` / ``ep_combine`` ``bytes`` is the anchors' formula (BENCHMARKS.md:
 ``tokens·top_k`` selected experts of ``hidden + hidden/128·4 + 16`` bytes for an FP8 dispatch,
@@ -106,6 +107,7 @@ class EpPayload:
     :ivar wire: uint8 rows of the bytes the op moves, for the plain ``all_to_all_single`` baseline.
     :ivar wire_send: rows of ``wire`` sent to each rank.
     :ivar wire_recv: rows received from each rank.
+    :ivar wire_own: rows of ``wire`` this rank sends itself (the baseline copies them; HAL's ops keep them).
     :ivar formula_bytes: the anchors' bytes (``tokens·top_k·row_bytes``).
     """
 
@@ -120,6 +122,7 @@ class EpPayload:
     wire: torch.Tensor
     wire_send: list[int]
     wire_recv: list[int]
+    wire_own: int
     formula_bytes: int
 
 
@@ -176,6 +179,7 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
         wire=wire.to(device),
         wire_send=wire_send,
         wire_recv=wire_recv,
+        wire_own=wire_send[rank],
         formula_bytes=tokens * top_k * p["row_bytes"],
     )
 
@@ -243,8 +247,10 @@ def nbytes(t: Any) -> int:
 def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal") -> dict[str, float]:
     """``bytes``, ``algbw_gbps`` and ``busbw_gbps`` (nccl-tests' conventions) of one call taking ``seconds``.
 
-    For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends: the routed
-    rows, or for ``hal-ll`` the ``(WORLD - 1) · T`` slots of the other ranks) and its rate.
+    For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends to the other
+    ranks: the routed rows less its own for ``hal``, the ``(WORLD - 1) · T`` slots of the other ranks for
+    ``hal-ll``, every routed row for the baseline, whose ``all_to_all_single`` copies a rank's own rows
+    to itself) and its rate.
     """
     size = nbytes(t)
     alg = size / seconds / 1e9
@@ -252,6 +258,8 @@ def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal") -> dict[str, f
     out = {"bytes": float(size), "algbw_gbps": alg, "busbw_gbps": alg * factor}
     if isinstance(t, EpPayload):
         wire = t.wire.numel() * t.wire.element_size()
+        if impl == "hal":  # the own rows stay
+            wire -= t.wire_own * t.wire.shape[1]
         if impl == "hal-ll":  # T slots to each other rank; a dispatch row carries every rank's ids and weights
             top_k = t.topk_ids.shape[1]
             row = t.wire.shape[1] + (WORLD - 1) * top_k * 12 + top_k * 4 if op == "ep_dispatch" else t.wire.shape[1]

@@ -17,8 +17,9 @@ These are the fallback of every backend, so they use only what every torch.distr
   pieces: one ``all_to_all_single`` of the per-rank row counts (asynchronous: it travels while the rows
   are packed; the host needs the counts for the splits), then one ``all_to_all_single`` of the rows
   packed as bytes (x, its scales, the global expert ids and the weights side by side in one ``uint8``
-  row, each field 8-byte aligned so the receiver reads them as views), so a dispatch costs two
-  collectives whatever it carries; a combine costs one. The low-latency mode (``max_tokens_per_rank``,
+  row, each field 8-byte aligned so the receiver reads them as views; a rank's rows for itself are
+  written in place and never sent), so a dispatch costs two collectives whatever it carries; a combine
+  costs one. The low-latency mode (``max_tokens_per_rank``,
   DeepEP's ``low_latency_dispatch`` for decode) drops the count exchange: every rank sends a fixed
   ``M`` rows to every other rank in one exchange (its own rows stay where they were written), so a
   dispatch costs one collective too.
@@ -244,10 +245,12 @@ def ep_dispatch(
 
     Cost: two collectives, the row counts (started asynchronously, so its latency overlaps the packing)
     and the rows. Each token is packed once into a byte row ``[x | x_scales | global ids (int32) |
-    weights]`` (fields 8-byte aligned) and the rows are gathered per destination with one
-    ``index_select``; the receiver turns global ids into local ones (``-1`` and weight 0 for another
-    rank's experts) and reads the metadata as views of the received bytes. With ``max_tokens_per_rank``
-    (low-latency mode) see :func:`_dispatch_low_latency`: one collective.
+    weights]`` (fields 8-byte aligned) and the rows for the other ranks are gathered per destination with
+    one ``index_select``; this rank's own rows never travel: they are gathered straight into their place
+    in the receive buffer (:func:`_exchange_around_own`). The receiver turns global ids into local ones
+    (``-1`` and weight 0 for another rank's experts) and reads the metadata as views of the received
+    bytes. With ``max_tokens_per_rank`` (low-latency mode) see :func:`_dispatch_low_latency`: one
+    collective.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -269,13 +272,15 @@ def ep_dispatch(
     else:  # a field to pad (an odd hidden size, a top_k of 1)
         table = _write_rows(torch.zeros(num_tokens, sum(widths), dtype=torch.uint8, device=dev), packed, widths)
     send_index = goes.nonzero()[:, 1]  # row-major: by destination rank, then token
-    send = table.index_select(0, send_index)
     send_list = [int(c) for c in send_counts.tolist()]
+    lo, hi = sum(send_list[:rank]), sum(send_list[: rank + 1])  # this rank's own rows in send order
+    send = table.index_select(0, torch.cat([send_index[:lo], send_index[hi:]]))
 
     pending.wait()
     recv_counts = [int(c) for c in recv_counts_t.tolist()]
     recv = torch.empty(sum(recv_counts), table.shape[1], dtype=torch.uint8, device=dev)
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_list, group=group)
+    own = _exchange_around_own(recv, send, recv_counts, send_list, rank, group)
+    torch.index_select(table, 0, send_index[lo:hi], out=own)
 
     got = _unpack(recv, packed, widths, x.dtype, x_scales is not None, rank, local)
     handle = DispatchHandle(
@@ -288,6 +293,28 @@ def _destinations(topk_ids: torch.Tensor, per_rank: int, world: int) -> torch.Te
     """bool [world, T]: token ``t`` selected at least one of rank ``r``'s experts."""
     owner = torch.div(topk_ids, per_rank, rounding_mode="floor").long()
     return torch.zeros(world, topk_ids.shape[0], dtype=torch.bool, device=topk_ids.device).scatter_(0, owner.t(), True)
+
+
+def _exchange_around_own(
+    out: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int], rank: int, group: Any
+) -> torch.Tensor:
+    """``all_to_all_single`` of every rank's rows but this rank's own, which never travel.
+
+    ``send`` holds the rows for the other ranks (``in_splits`` without this rank's); the other ranks'
+    rows arrive in ``out`` in rank order around this rank's block of ``out_splits[rank]`` rows, which is
+    left for the caller to fill and returned (a view). The exchange needs one contiguous output: the
+    rows from later ranks land right after the earlier ones and, when the own block sits between the
+    two (a middle rank of three or more), are moved past it.
+    """
+    before, own = sum(out_splits[:rank]), out_splits[rank]
+    after = sum(out_splits[rank + 1 :])
+    region = out[own:] if before == 0 else out[: before + after]
+    out_skip, in_skip = list(out_splits), list(in_splits)
+    out_skip[rank] = in_skip[rank] = 0
+    dist.all_to_all_single(_bytes(region), _bytes(send), out_skip, in_skip, group=group)
+    if before and own and after:
+        out[before + own :] = region[before:].clone()
+    return out[before : before + own]
 
 
 @functools.lru_cache(maxsize=64)
@@ -398,9 +425,10 @@ def _dispatch_low_latency(
 def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) -> torch.Tensor:
     """Send every received row's result back and sum per token; see :func:`hal.ops.catalogue.ep_combine`.
 
-    The reverse of the dispatch's exchange (splits swapped). A token gets at most one row back from each
-    rank it was sent to, so its sum has at most ``world`` terms, added in source-rank order by one
-    ``index_add_`` per rank's block (:func:`_sum_by_token`). With two ranks the sums run in y's dtype,
+    The reverse of the dispatch's exchange (splits swapped), again without this rank's own rows, whose
+    results are read where they are in ``y``. A token gets at most one row back from each rank it was
+    sent to, so its sum has at most ``world`` terms, added in source-rank order by one ``index_add_``
+    per rank's block (:func:`_sum_by_token`). With two ranks the sums run in y's dtype,
     which for bf16 / fp16 is the fp32 sum rounded once, as an fp32 accumulation gives (and no fp32 copy
     of the rows is made); with more they run in fp32.
 
@@ -410,16 +438,16 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     """
     if handle.max_tokens_per_rank is not None:
         return _combine_low_latency(y, handle, group)
-    rows, hidden = sum(handle.send_counts), y.shape[1]
-    back = torch.empty(rows, hidden, dtype=y.dtype, device=y.device)
-    dist.all_to_all_single(
-        _bytes(back),
-        _bytes(y),
-        output_split_sizes=list(handle.send_counts),
-        input_split_sizes=list(handle.recv_counts),
-        group=group,
-    )
-    return _sum_by_token(back, handle.send_index.to(device=y.device), handle.send_counts, handle.num_tokens)
+    rank = dist.get_rank(group)
+    back_splits, y_splits = list(handle.send_counts), list(handle.recv_counts)
+    lo, hi = sum(y_splits[:rank]), sum(y_splits[: rank + 1])  # the own rows' results in y
+    send = y[hi:] if lo == 0 else y[:lo] if hi == y.shape[0] else torch.cat([y[:lo], y[hi:]])
+    back_splits[rank] = y_splits[rank] = 0
+    back = torch.empty(sum(back_splits), y.shape[1], dtype=y.dtype, device=y.device)
+    dist.all_to_all_single(_bytes(back), _bytes(send), back_splits, y_splits, group=group)
+    blocks = list(back.split(back_splits))
+    blocks[rank] = y[lo:hi]
+    return _sum_by_token(blocks, handle.send_index.to(device=y.device), handle.num_tokens)
 
 
 def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) -> torch.Tensor:
@@ -458,24 +486,25 @@ def _add_in_order(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor
     return out.to(dtype)
 
 
-def _sum_by_token(back: torch.Tensor, token: torch.Tensor, blocks: list[int], num_tokens: int) -> torch.Tensor:
-    """``out[t] = Σ back[r]`` over the rows ``r`` with ``token[r] == t``, in row order, fp32-accurate.
+def _sum_by_token(blocks: list[torch.Tensor], token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``out[t] = Σ`` of the rows of token ``t`` in ``blocks``, in block order, fp32-accurate.
 
-    :param back: [R, H], the rows: ``blocks[i]`` rows from rank ``i``, in rank order.
-    :param token: int64 [R], each row's token; a token appears at most once in a rank's block.
-    :param blocks: rows per rank (summing to R).
-    :returns: back's dtype [num_tokens, H].
+    :param blocks: ``[n_i, H]`` rows, one block per rank in rank order, all of one dtype.
+    :param token: int64 ``[Σ n_i]``, each row's token, the blocks one after another; a token appears at
+        most once in a block.
+    :returns: the blocks' dtype ``[num_tokens, H]``.
 
-    One ``index_add_`` per rank's block into a zero output: within a block the tokens are distinct, so
-    each token's terms are added in rank order. With at most two ranks a token has at most two terms,
-    and ``0 + a + b`` in back's dtype is the fp32 sum rounded once; with more, the sum runs in fp32.
+    One ``index_add_`` per block into a zero output: within a block the tokens are distinct, so each
+    token's terms are added in block order. With at most two blocks a token has at most two terms, and
+    ``0 + a + b`` in the blocks' dtype is the fp32 sum rounded once; with more, the sum runs in fp32.
     """
-    hidden = back.shape[1]
-    acc_dtype = back.dtype if len(blocks) <= 2 else torch.float32
-    out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=back.device)
+    dtype, hidden = blocks[0].dtype, blocks[0].shape[1]
+    acc_dtype = dtype if len(blocks) <= 2 else torch.float32
+    out = torch.zeros(num_tokens, hidden, dtype=acc_dtype, device=blocks[0].device)
     start = 0
-    for n in blocks:
+    for rows in blocks:
+        n = rows.shape[0]
         if n:
-            out.index_add_(0, token[start : start + n], back[start : start + n].to(acc_dtype))
+            out.index_add_(0, token[start : start + n], rows.to(acc_dtype))
         start += n
-    return out.to(back.dtype)
+    return out.to(dtype)

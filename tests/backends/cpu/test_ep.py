@@ -61,7 +61,7 @@ def _check_moe(rank: int, routings: list[Routing], experts: int) -> Dispatched:
     """Dispatch this rank's routing, run the local experts, combine, and compare with one process."""
     x, ids, w = routings[rank]
     mats = _weights(experts, x.shape[1])
-    local = experts // WORLD
+    local = experts // dist.get_world_size()
     d = ref.ep_dispatch(x, ids, w, num_experts=experts)
     # The local experts see local ids (-1: another rank's) and weights (0 there).
     y = _moe(d.x, d.topk_ids, d.topk_weights, mats[rank * local : (rank + 1) * local])
@@ -76,7 +76,7 @@ def _check_moe(rank: int, routings: list[Routing], experts: int) -> Dispatched:
 def _check_received(rank: int, routings: list[Routing], experts: int, d: Dispatched) -> None:
     """The received rows are exactly the tokens that selected this rank's experts, in (source rank, token)
     order, with local ids and the matching weights."""
-    local = experts // WORLD
+    local = experts // dist.get_world_size()
     xs, idss, ws = [], [], []
     for x, ids, w in routings:
         mine = ids // local == rank
@@ -104,9 +104,10 @@ def _same(got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def check_random_routings(rank: int) -> None:
-    for seed, (tokens, top_k, experts) in enumerate([(13, 2, 4), (32, 4, 8), (7, 1, 2), (20, 3, 6)]):
-        routings = [_random_routing(r, tokens + 5 * r, 16, top_k, experts, seed) for r in range(WORLD)]
-        _check_moe(rank, routings, experts)
+    world = dist.get_world_size()
+    for seed, (tokens, top_k, per_rank) in enumerate([(13, 2, 2), (32, 4, 4), (7, 1, 1), (20, 3, 3)]):
+        routings = [_random_routing(r, tokens + 5 * r, 16, top_k, per_rank * world, seed) for r in range(world)]
+        _check_moe(rank, routings, per_rank * world)
 
 
 def check_int32_ids_and_bf16(rank: int) -> None:
@@ -317,7 +318,7 @@ def check_low_latency_refusals(rank: int) -> None:
 
 
 _CHECKS = checks_in(globals())
-_WIDE_CHECKS = {"low_latency_like_normal": check_low_latency_like_normal}
+_WIDE_CHECKS = {"random_routings": check_random_routings, "low_latency_like_normal": check_low_latency_like_normal}
 
 
 @pytest.fixture(scope="module")
@@ -337,9 +338,10 @@ def test_ep(check: str, verdicts: list[dict[str, str | None]]) -> None:
 
 
 @pytest.mark.distributed
-def test_low_latency_on_three_ranks(tmp_path: Path) -> None:
-    # Three ranks: the own block sits between the other two in rank order, the send is repeated, and a
-    # token can take three terms (accumulated in fp32 for bf16).
+def test_three_ranks(tmp_path: Path) -> None:
+    # Three ranks: the own block sits between the other two in rank order (the normal mode's exchange
+    # moves the later ranks' rows past it; the low-latency send is repeated), and a token can take three
+    # terms (accumulated in fp32 for bf16).
     try:
         verdicts = run_checks(_WIDE_CHECKS, out_dir=tmp_path, world=3, timeout_s=JOIN_TIMEOUT_S)
     except TimeoutError as e:
@@ -371,7 +373,7 @@ def test_combine_sum_is_an_fp32_accumulation(dtype: torch.dtype, world: int) -> 
     token = torch.cat(segments)
     rows = torch.randn(len(token), 16, generator=g).to(dtype)
     want = torch.zeros(tokens, 16).index_add_(0, token, rows.float()).to(dtype)
-    got = ref._sum_by_token(rows, token, [len(s) for s in segments], tokens)
+    got = ref._sum_by_token(list(rows.split([len(s) for s in segments])), token, tokens)
     assert got.dtype == dtype
     _same(got, want)  # the same terms in the same order, in fp32, rounded once
-    _same(ref._sum_by_token(rows[:0], token[:0], [0] * world, tokens), torch.zeros(tokens, 16, dtype=dtype))
+    _same(ref._sum_by_token([rows[:0]] * world, token[:0], tokens), torch.zeros(tokens, 16, dtype=dtype))
