@@ -1,0 +1,148 @@
+"""Where a decode step's time goes: every backend op timed inside HAL's decode of a benchmark config.
+
+Builds the model of ``test_decode.py``'s config (``large`` by default: the issue's ~452M-parameter
+config) with seeded random weights (:func:`hal.model.weights.random_state_dict`; transformers is not
+needed), prefills ``--batch`` seeded random 32-token prompts, runs 3 greedy decode steps to warm up,
+then ``--steps`` more with every op of the backend wrapped in a timer. Prints the median step time
+and, per op, the time per step, calls per step and time per call; the rest of the step is the model's
+own Python and torch glue (embedding, residual adds, slicing, the cache's bookkeeping, sampling).
+
+``--gemm-shapes`` instead times the config's weight shapes alone: ``F.linear(x, W)`` and ``(W @ xᵀ)ᵀ``
+for ``x`` of 1 and of ``--batch`` rows, each over enough copies of ``W`` (256 MiB) that no call finds
+its weight in cache, and prints the read rate of each.
+
+This is a profile, not the benchmark (``test_decode.py`` is): the timers add about a microsecond per
+call. Run ``HAL_VALIDATE=0`` to leave the ops' input checks out, as the decode numbers in the README
+were taken::
+
+    HAL_VALIDATE=0 .venv/bin/python bench/model/decode_ops.py --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import hal
+from hal.model.config import ModelConfig
+from hal.model.deepseek import DeepseekModel
+from hal.model.weights import random_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_decode import CONFIGS, PROMPT_LEN  # the benchmark's configs, beside this file
+
+
+def _timed(fn: Callable[..., Any], name: str, spent: collections.Counter[str], calls: collections.Counter[str]):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - t0
+            calls[name] += 1
+
+    return wrapper
+
+
+def _gemm_shapes(cfg: ModelConfig, batch: int) -> None:
+    """Median time of one GEMM per weight shape, rows 1 and ``batch``, and the weight read rate."""
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    shapes = {
+        "lm_head": (cfg.vocab_size, h),
+        "dense gate_up": (2 * cfg.intermediate_size, h),
+        "dense down": (h, cfg.intermediate_size),
+        **(
+            {"q_a": (cfg.q_lora_rank, h), "q_b": (heads * qk, cfg.q_lora_rank)}
+            if cfg.q_lora_rank
+            else {"q": (heads * qk, h)}
+        ),
+        "kv_a": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+        "o": (h, heads * cfg.v_head_dim),
+        "expert gate_up": (2 * cfg.moe_intermediate_size, h),
+        "expert down": (h, cfg.moe_intermediate_size),
+        "router": (cfg.n_routed_experts, h),
+    }
+
+    print(f"{'weight':16s} {'shape':>12s} {'rows':>4s} {'linear us':>10s} {'GB/s':>6s} {'W@xT us':>9s} {'GB/s':>6s}")
+    g = torch.Generator().manual_seed(0)
+    for name, (n, k) in shapes.items():
+        weights = [torch.randn(n, k, generator=g) for _ in range(max(1, (256 << 20) // (n * k * 4)))]
+        for rows in sorted({1, batch}):
+            x = torch.randn(rows, k, generator=g)
+            linear = _median_us(weights, lambda w, x=x: torch.nn.functional.linear(x, w))
+            transposed = _median_us(weights, lambda w, x=x: torch.mm(w, x.t()).t())
+            gbps = [n * k * 4 / us / 1e3 for us in (linear, transposed)]
+            shape = f"{n}x{k}"
+            print(f"{name:16s} {shape:>12s} {rows:4d} {linear:10.1f} {gbps[0]:6.1f} {transposed:9.1f} {gbps[1]:6.1f}")
+
+
+def _median_us(weights: list[torch.Tensor], fn: Callable[[torch.Tensor], Any], n: int = 30) -> float:
+    """Median microseconds of ``fn(w)``, cycling through ``weights`` so that each call reads from memory."""
+    for i in range(3):
+        fn(weights[i % len(weights)])
+    times = []
+    for i in range(n):
+        w = weights[i % len(weights)]
+        t0 = time.perf_counter()
+        fn(w)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="large", help="benchmark config (default large)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps (default 20)")
+    parser.add_argument("--backend", default="cpu", help="HAL backend (default cpu)")
+    parser.add_argument("--gemm-shapes", action="store_true", help="time the weight shapes' GEMMs alone (CPU)")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.steps < 1:
+        parser.error("--batch and --steps must be at least 1")
+
+    cfg = ModelConfig.from_dict(CONFIGS[args.config])
+    if args.gemm_shapes:
+        _gemm_shapes(cfg, args.batch)
+        return 0
+    backend = hal.get_backend(args.backend)
+    spent: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    for name in backend.table:
+        setattr(backend, name, _timed(getattr(backend, name), name, spent, calls))
+    print(f"building the {args.config} config ({args.backend}, fp32, seeded random weights)…", file=sys.stderr)
+    model = DeepseekModel(cfg, backend, random_state_dict(cfg))
+    cache = model.new_cache(args.batch * (-(-(PROMPT_LEN + args.steps + 4) // 64)))
+    seqs = list(range(args.batch))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (PROMPT_LEN,), generator=g).tolist() for _ in seqs]
+    tokens = model.prefill(cache, seqs, prompts).argmax(-1).tolist()
+    for _ in range(3):
+        tokens = model.decode(cache, seqs, tokens).argmax(-1).tolist()
+    spent.clear()
+    calls.clear()
+    steps = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        tokens = model.decode(cache, seqs, tokens).argmax(-1).tolist()
+        steps.append(time.perf_counter() - t0)
+    n = args.steps
+    in_ops = sum(spent.values()) / n
+    print(f"{args.config} config, batch {args.batch}: median step {statistics.median(steps) * 1e3:.2f} ms, "
+          f"mean {statistics.mean(steps) * 1e3:.2f} ms, of which backend ops {in_ops * 1e3:.2f} ms")
+    print(f"{'op':24s} {'ms/step':>8s} {'calls/step':>10s} {'us/call':>8s}")
+    for name, seconds in spent.most_common():
+        print(f"{name:24s} {seconds / n * 1e3:8.3f} {calls[name] / n:10.0f} {seconds / calls[name] * 1e6:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
