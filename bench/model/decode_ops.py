@@ -2,10 +2,11 @@
 
 Builds the model of ``test_decode.py``'s config (``large`` by default: the issue's ~452M-parameter
 config) with seeded random weights (:func:`hal.model.weights.random_state_dict`; transformers is not
-needed), prefills ``--batch`` seeded random 32-token prompts, runs 3 greedy decode steps to warm up,
-then ``--steps`` more with every op of the backend wrapped in a timer. Prints the median step time
-and, per op, the time per step, calls per step and time per call; the rest of the step is the model's
-own Python and torch glue (embedding, residual adds, slicing, the cache's bookkeeping, sampling).
+run, though importing ``test_decode.py`` for its configs needs it installed, as ``make test`` does),
+prefills ``--batch`` seeded random 32-token prompts, runs 3 greedy decode steps to warm up, then
+``--steps`` more with every op of the backend wrapped in a timer. Prints the median step time and, per
+op, the time per step, calls per step and time per call; the rest of the step is the model's own
+Python and torch glue (embedding, residual adds, slicing, the cache's bookkeeping, sampling).
 
 ``--gemm-shapes`` instead times the config's weight shapes alone: ``F.linear(x, W)`` and ``(W @ xᵀ)ᵀ``
 for ``x`` of 1 and of ``--batch`` rows, each over enough copies of ``W`` (256 MiB) that no call finds
