@@ -19,10 +19,9 @@ These are the fallback of every backend, so they use only what every torch.distr
   packed as bytes (x, its scales, the global expert ids and the weights side by side in one ``uint8``
   row, each field 8-byte aligned so the receiver reads them as views; a rank's rows for itself are
   written in place and never sent), so a dispatch costs two collectives whatever it carries; a combine
-  costs one. The low-latency mode (``max_tokens_per_rank``,
-  DeepEP's ``low_latency_dispatch`` for decode) drops the count exchange: every rank sends a fixed
-  ``M`` rows to every other rank in one exchange (its own rows stay where they were written), so a
-  dispatch costs one collective too.
+  costs one. The low-latency mode (``max_tokens_per_rank``, DeepEP's ``low_latency_dispatch`` for
+  decode) drops the count exchange: every rank sends a fixed ``M`` rows to every other rank in one
+  exchange (its own rows stay where they were written), so a dispatch costs one collective too.
 
 Inputs are validated by :mod:`hal.ops.catalogue` before these run. A transport failure (a peer that
 exited, a collective that stalled past the process group's timeout) is raised as
@@ -428,9 +427,9 @@ def ep_combine(y: torch.Tensor, handle: DispatchHandle, *, group: Any = None) ->
     The reverse of the dispatch's exchange (splits swapped), again without this rank's own rows, whose
     results are read where they are in ``y``. A token gets at most one row back from each rank it was
     sent to, so its sum has at most ``world`` terms, added in source-rank order by one ``index_add_``
-    per rank's block (:func:`_sum_by_token`). With two ranks the sums run in y's dtype,
-    which for bf16 / fp16 is the fp32 sum rounded once, as an fp32 accumulation gives (and no fp32 copy
-    of the rows is made); with more they run in fp32.
+    per rank's block (:func:`_sum_by_token`). With two ranks the sums run in y's dtype, which for bf16 /
+    fp16 is the fp32 sum rounded once, as an fp32 accumulation gives (and no fp32 copy of the rows is
+    made); with more they run in fp32.
 
     Low-latency mode (:func:`_combine_low_latency`): the own block stays, one fixed-split exchange brings
     back the other ranks' ``M`` rows each, and the terms are added in rank order the same way, so both
