@@ -8,9 +8,10 @@ prefills ``--batch`` seeded random 32-token prompts, runs 3 greedy decode steps 
 op, the time per step, calls per step and time per call; the rest of the step is the model's own
 Python and torch glue (embedding, residual adds, slicing, the cache's bookkeeping, sampling).
 
-``--gemm-shapes`` instead times the config's weight shapes alone: ``F.linear(x, W)`` and ``(W @ xᵀ)ᵀ``
-for ``x`` of 1 and of ``--batch`` rows, each over enough copies of ``W`` (256 MiB) that no call finds
-its weight in cache, and prints the read rate of each.
+``--gemm-shapes`` instead times the GEMMs alone, one per kind of weight the built model holds (gate
+and up fused, one expert of the stack): ``F.linear(x, W)`` and ``(W @ xᵀ)ᵀ`` for ``x`` of 1 and of
+``--batch`` rows, each over enough copies of ``W`` (256 MiB) that no call finds its weight in cache,
+and prints the read rate of each.
 
 This is a profile, not the benchmark (``test_decode.py`` is): the timers add about a microsecond per
 call. Run ``HAL_VALIDATE=0`` to leave the ops' input checks out, as the decode numbers in the README
@@ -53,29 +54,30 @@ def _timed(fn: Callable[..., Any], name: str, spent: collections.Counter[str], c
     return wrapper
 
 
-def _gemm_shapes(cfg: ModelConfig, batch: int) -> None:
-    """Median time of one GEMM per weight shape, rows 1 and ``batch``, and the weight read rate."""
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
-    shapes = {
-        "lm_head": (cfg.vocab_size, h),
-        "dense gate_up": (2 * cfg.intermediate_size, h),
-        "dense down": (h, cfg.intermediate_size),
-        **(
-            {"q_a": (cfg.q_lora_rank, h), "q_b": (heads * qk, cfg.q_lora_rank)}
-            if cfg.q_lora_rank
-            else {"q": (heads * qk, h)}
-        ),
-        "kv_a": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
-        "o": (h, heads * cfg.v_head_dim),
-        "expert gate_up": (2 * cfg.moe_intermediate_size, h),
-        "expert down": (h, cfg.moe_intermediate_size),
-        "router": (cfg.n_routed_experts, h),
-    }
+def _weight_shapes(model: DeepseekModel) -> dict[str, tuple[int, ...]]:
+    """The 2-D weight of every kind of GEMM a decode step runs, as the model holds it (gate and up fused,
+    experts stacked)."""
+    attn = model.layers[0].attn
+    shapes = {"lm_head": tuple(model.lm_head.shape)}
+    projections = {name: getattr(attn, name) for name in ("q", "q_a", "q_b", "kv_a", "o")}
+    shapes |= {name: tuple(w.shape) for name, w in projections.items() if w is not None}  # q, or q_a and q_b
+    for layer in model.layers:
+        mlp = layer.mlp
+        if not hasattr(mlp, "gate"):  # a dense layer
+            shapes |= {"dense gate_up": tuple(mlp.gate_up.shape), "dense down": tuple(mlp.down.shape)}
+            continue
+        shapes |= {"router": tuple(mlp.gate.shape)}
+        shapes |= {"expert gate_up": tuple(mlp.gate_up.shape[1:]), "expert down": tuple(mlp.down.shape[1:])}
+        if mlp.shared is not None:
+            shapes |= {"shared gate_up": tuple(mlp.shared.gate_up.shape), "shared down": tuple(mlp.shared.down.shape)}
+    return shapes
 
+
+def _gemm_shapes(model: DeepseekModel, batch: int) -> None:
+    """Median time of one GEMM per weight shape, rows 1 and ``batch``, and the weight read rate."""
     print(f"{'weight':16s} {'shape':>12s} {'rows':>4s} {'linear us':>10s} {'GB/s':>6s} {'W@xT us':>9s} {'GB/s':>6s}")
     g = torch.Generator().manual_seed(0)
-    for name, (n, k) in shapes.items():
+    for name, (n, k) in _weight_shapes(model).items():
         weights = [torch.randn(n, k, generator=g) for _ in range(max(1, (256 << 20) // (n * k * 4)))]
         for rows in sorted({1, batch}):
             x = torch.randn(rows, k, generator=g)
@@ -111,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch and --steps must be at least 1")
 
     cfg = ModelConfig.from_dict(CONFIGS[args.config])
-    if args.gemm_shapes:
-        _gemm_shapes(cfg, args.batch)
-        return 0
     backend = hal.get_backend(args.backend)
     spent: collections.Counter[str] = collections.Counter()
     calls: collections.Counter[str] = collections.Counter()
@@ -121,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         setattr(backend, name, _timed(getattr(backend, name), name, spent, calls))
     print(f"building the {args.config} config ({args.backend}, fp32, seeded random weights)…", file=sys.stderr)
     model = DeepseekModel(cfg, backend, random_state_dict(cfg))
+    if args.gemm_shapes:
+        _gemm_shapes(model, args.batch)
+        return 0
     cache = model.new_cache(args.batch * (-(-(PROMPT_LEN + args.steps + 4) // 64)))
     seqs = list(range(args.batch))
     g = torch.Generator().manual_seed(0)
