@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_IMPL",
     "IMPLS",
     "KINDS",
+    "SCALED_MM_K_MULTIPLE",
     "SCHEMA",
     "GemmChoiceTable",
     "MeasuredShape",
@@ -80,6 +81,8 @@ SCHEMA = 1
 IMPLS = ("cublas", "triton")
 #: The kinds of GEMM: ``gemm`` in bf16, ``gemm_fp8`` with DeepSeek-V3 block scaling.
 KINDS = ("bf16", "fp8")
+#: ``torch._scaled_mm`` block-scales correctly only when K is a multiple of this (4 blocks of 128).
+SCALED_MM_K_MULTIPLE = 512
 #: Without a measurement: cuBLAS for bf16; Triton for fp8, which torch._scaled_mm often cannot block-scale.
 DEFAULT_IMPL: Mapping[str, str] = {"bf16": "cublas", "fp8": "triton"}
 
@@ -270,7 +273,8 @@ def choose_gemm_impl(
     :param K: reduction length.
     :param kind: ``"bf16"`` (``gemm``) or ``"fp8"`` (``gemm_fp8``).
     :param scaled_mm_blockwise: whether this torch's ``torch._scaled_mm`` does DeepSeek block scaling
-        here; without it an fp8 "cublas" in the table gives way to Triton.
+        here; without it an fp8 "cublas" in the table gives way to Triton, as it does for a K that is not
+        a multiple of :data:`SCALED_MM_K_MULTIPLE`.
     """
     if kind not in KINDS:
         raise OpInputError("gemm", "kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -279,7 +283,7 @@ def choose_gemm_impl(
         if (shape.n, shape.k) == (N, K):
             choice = shape.at(M)
             break
-    if kind == "fp8" and choice == "cublas" and not scaled_mm_blockwise:
+    if kind == "fp8" and choice == "cublas" and (not scaled_mm_blockwise or K % SCALED_MM_K_MULTIPLE):
         choice = "triton"
     return "cublas" if choice == "cublas" else "triton"
 
@@ -316,19 +320,29 @@ def scaled_mm_blockwise(
 
     Operands as the catalogue's ``gemm_fp8``: xq e4m3fn [M, K], xs float32 [M, K / 128], wq e4m3fn
     [N, K], ws float32 [ceil(N / 128), K / 128]. Rearranged for cuBLASLt: M padded to a multiple of 4,
-    xs made outer-dim-major, ws's K-block dimension padded to a multiple of 4 and transposed, wq passed
-    column-major (``wq.t()``). Trust it only where :func:`scaled_mm_blockwise_support` said ``"yes"``:
-    the layout rules have changed between torch releases, and that check compares against a
-    dequantized reference.
+    xs made outer-dim-major, ws transposed to [K / 128, ceil(N / 128)] (a view), wq passed column-major
+    (``wq.t()``). Trust it only where :func:`scaled_mm_blockwise_support` said ``"yes"``: the layout
+    rules have changed between torch releases, and that check compares against a dequantized
+    reference. Measured on an H100 with torch 2.11 / CUDA 13.0 (``bench/nvidia/scaled_mm_layouts.py``,
+    bench/results/nvidia-h100/README.md): this layout is accepted and right when K / 128 is a multiple of 4;
+    padding ws's K-block dimension to a multiple of 4 is refused ("Invalid scaling configuration");
+    M not padded fails for M = 1; and with K / 128 not a multiple of 4 cuBLAS answers without an error
+    but wrongly, so such a K raises :class:`~hal.errors.OpInputError` here.
     """
-    m = xq.shape[0]
+    m, k = xq.shape
+    if k % SCALED_MM_K_MULTIPLE:
+        raise OpInputError(
+            "gemm_fp8",
+            "xq",
+            f"torch._scaled_mm's block scaling needs K a multiple of {SCALED_MM_K_MULTIPLE} (4 scale blocks), "
+            f"got K = {k}: with fewer cuBLAS returned wrong products without an error (H100, torch 2.11)",
+        )
     pad = -m % 4
     if pad:
         xq = torch.nn.functional.pad(xq.view(torch.uint8), (0, 0, 0, pad)).view(xq.dtype)
         xs = torch.nn.functional.pad(xs, (0, 0, 0, pad), value=1.0)
     scale_a = xs.t().contiguous().t()
-    kb = ws.shape[1]
-    scale_b = torch.nn.functional.pad(ws, (0, -kb % 4), value=1.0).t()
+    scale_b = ws.t()
     out = torch._scaled_mm(xq, wq.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
     return out[:m]
 
@@ -361,7 +375,9 @@ def scaled_mm_blockwise_support(device: torch.device | str | None = None) -> Sca
 def _try_scaled_mm(device: torch.device) -> ScaledMmSupport:
     from hal.quant import dequantize_fp8_blocks, dequantize_fp8_groups, fp8_max, quantize_fp8_blocks
 
-    m, n, k, block = 128, 256, 256, 128
+    # K = 512: four K blocks, so the check does not hinge on how a torch wants a K-block count that
+    # is not a multiple of 4 laid out (DeepSeek-V3's K are all multiples of 512).
+    m, n, k, block = 128, 256, 512, 128
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, device=device, generator=gen)
     w = torch.randn(n, k, device=device, generator=gen)

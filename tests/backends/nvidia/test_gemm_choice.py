@@ -62,15 +62,19 @@ def table() -> Any:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_the_shipped_table_is_honest_about_not_being_measured() -> None:
+def test_the_shipped_table_is_measured_on_an_h100_and_says_how() -> None:
     t = load_gemm_choice()
-    assert t.measured is False
-    assert "no NVIDIA GPU" in t.note and "measure_gemm_choice.py" in t.note
-    assert dict(t.archs) == {} and dict(t.default) == dict(DEFAULT_IMPL)
-    # So every shape gets the default: cuBLAS for bf16, Triton for fp8.
+    assert t.measured is True and "measure_gemm_choice.py" in t.note
+    assert set(t.archs) == {"sm_90"} and dict(t.default) == dict(DEFAULT_IMPL)
+    prov = t.provenance["sm_90"]
+    assert "H100" in prov["device"] and prov["torch"].startswith("2.11") and "measure_gemm_choice.py" in prov["command"]
+    # DeepSeek-V3's q_a projection at decode and prefill sizes: cuBLAS's block-scaled GEMM won there.
     for m in (1, 64, 4096):
         assert choose_gemm_impl(t, "sm90", m, 2112, 7168) == "cublas"
-        assert choose_gemm_impl(t, "sm90", m, 2112, 7168, kind="fp8", scaled_mm_blockwise=True) == "triton"
+        assert choose_gemm_impl(t, "sm90", m, 2112, 7168, kind="fp8", scaled_mm_blockwise=True) == "cublas"
+        # without a block-scaling _scaled_mm, or on another arch, fp8 stays on Triton
+        assert choose_gemm_impl(t, "sm90", m, 2112, 7168, kind="fp8") == "triton"
+        assert choose_gemm_impl(t, "sm100", m, 2112, 7168, kind="fp8", scaled_mm_blockwise=True) == "triton"
 
 
 def test_the_package_data_is_the_repositorys_file() -> None:
@@ -231,20 +235,21 @@ def test_scaled_mm_support_is_unknown_without_a_gpu() -> None:
 def _emulated_scaled_mm(
     a: torch.Tensor, b: torch.Tensor, *, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """torch._scaled_mm's 1x128 x 128x128 recipe as PyTorch's own tests lay it out, checked strictly."""
+    """torch._scaled_mm's 1x128 x 128x128 recipe as torch 2.11 accepts it on an H100, checked strictly."""
     m, k = a.shape
     n = b.shape[1]
-    kb, l4 = k // 128, -(-(k // 128) // 4) * 4
+    kb = k // 128
     assert m % 4 == 0, "cuBLASLt wants M padded to a multiple of 4"
     assert a.stride(1) == 1 and b.stride(0) == 1, "TN layout: a row-major, b column-major"
     assert scale_a.shape == (m, kb) and scale_a.stride(0) == 1, "1x128 scales outer-dim-major"
-    assert scale_b.shape == (l4, -(-n // 128)) and scale_b.stride(0) == 1, "128x128 scales [L4, N/128], K-major"
+    # torch 2.11 on an H100 refuses a K-block dimension padded to a multiple of 4 (measured there).
+    assert scale_b.shape == (kb, -(-n // 128)) and scale_b.stride(0) == 1, "128x128 scales [K/128, N/128], K-major"
     x = dequantize_fp8_groups(a, scale_a.contiguous(), 128)
-    w = dequantize_fp8_blocks(b.t(), scale_b.t()[:, :kb].contiguous(), 128)
+    w = dequantize_fp8_blocks(b.t(), scale_b.t().contiguous(), 128)
     return (x @ w.t()).to(out_dtype)
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 256, 256), (6, 384, 640), (128, 128, 512)], ids=str)
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 256, 512), (6, 384, 1024), (128, 128, 512)], ids=str)
 def test_scaled_mm_blockwise_lays_out_the_operands_for_cublas(
     monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int
 ) -> None:
@@ -257,6 +262,24 @@ def test_scaled_mm_blockwise_lays_out_the_operands_for_cublas(
     expected = dequantize_fp8_groups(xq, xs, 128) @ dequantize_fp8_blocks(wq, ws, 128).t()
     assert out.shape == (m, n)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [256, 640])
+def test_scaled_mm_blockwise_refuses_a_k_cublas_gets_wrong(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    # On an H100 (torch 2.11) K / 128 = 2 or 5 gave relative errors of 89 and 160, with no error raised.
+    monkeypatch.setattr(torch, "_scaled_mm", _emulated_scaled_mm)
+    x, w = torch.randn(4, k), torch.randn(256, k)
+    xq, xs = _activation_groups(x)
+    wq, ws = quantize_fp8_blocks(w, 128)
+    with pytest.raises(OpInputError, match=f"multiple of 512.*K = {k}"):
+        scaled_mm_blockwise(xq, xs, wq, ws)
+
+
+def test_an_fp8_k_cublas_gets_wrong_goes_to_triton_whatever_the_table_says() -> None:
+    data = copy.deepcopy(MEASURED)
+    data["archs"]["sm_90"]["fp8"] = [{"n": 256, "k": 640, "m": _rows((1, "cublas"))}]
+    table = parse_gemm_choice(data)
+    assert choose_gemm_impl(table, "sm90", 1, 256, 640, kind="fp8", scaled_mm_blockwise=True) == "triton"
 
 
 def _activation_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
