@@ -339,8 +339,11 @@ def _launch(
     """The kernel launch of ``op`` for these dtypes (the launcher's, and the compile specs').
 
     Half precision: ``UPCAST`` converts the tiles to fp32 after the load under the interpreter (its bf16
-    arithmetic is wrong), ``IEEE`` asks for full fp32 products for fp32 inputs (not TF32). The contiguous
-    layouts size their segment vector ``BLOCK_E`` for ``num_experts`` plus the padding segment.
+    arithmetic is wrong), ``IEEE`` asks for full fp32 products for fp32 inputs (not TF32), and fp32
+    inputs step through half as much K (``BLOCK_K // 2``, at least 16): twice the bytes per element in
+    the same shared memory as the tuned half-precision tiles (the H100 tuning's 128x256x64 tiles, 4
+    stages, would need 288 KiB in fp32; the GPU has 227). The contiguous layouts size their segment
+    vector ``BLOCK_E`` for ``num_experts`` plus the padding segment.
     """
     fp8 = "fp8" in op
     masked = op.endswith("_masked")
@@ -354,6 +357,8 @@ def _launch(
     pointers = {"x_ptr": x, "w_ptr": x, "out_ptr": _common.ptr(out_dtype)}
     pointers["masked_m_ptr" if masked else "offsets_ptr"] = _common.ptr(index_dtype)
     constexprs: dict[str, object] = {b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    if x_dtype.itemsize == 4:
+        constexprs["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
     if fp8:
         pointers |= {"xs_ptr": "*fp32", "ws_ptr": "*fp32"}
         constexprs["SCALE_BLOCK"] = SCALE_BLOCK
@@ -549,7 +554,7 @@ _SPEC_EXPERTS = 256
 def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_common.CompileSpec]:
     """Each op as the model launches it: int64 offsets / masked_m (``moe_permute``'s offsets, the absorbed
     decode's row counts), bf16 activations (FP8: ``fp8``'s format into bf16); and the variants the
-    launchers take besides: int32 indices, fp16 in and out."""
+    launchers take besides: int32 indices, fp16 in and out, and fp32 for the half-precision layouts."""
     specs = []
     for op, defaults, index in (
         ("grouped_gemm", DEFAULT_CONFIG, "offsets"),
@@ -566,6 +571,8 @@ def compile_specs(fp8: str, tuning: Mapping[str, Mapping[str, int]]) -> list[_co
             (xbf, torch.bfloat16, torch.int32),
             (x16, torch.float16, torch.int64),
         ]
+        if not fp8_op:  # fp32 (the CPU oracle's dtype, tiny models): its own BLOCK_K, its own shared memory
+            variants.append((torch.float32, torch.float32, torch.int64))
         for x_dtype, out_dtype, index_dtype in variants:
             x_name = "" if fp8_op else f"{_common.ptr(x_dtype)[1:]}, "
             name = f"{op}[{x_name}{_common.ptr(out_dtype)[1:]} out, {_common.ptr(index_dtype)[1:]} {index}]"
