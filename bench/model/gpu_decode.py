@@ -26,7 +26,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +34,16 @@ import torch
 import hal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_decode import CONFIGS, NEW_TOKENS, PROMPT_LEN, _first_difference  # the CPU benchmark's, beside this file
+from test_decode import (
+    CONFIGS,
+    NEW_TOKENS,
+    PROMPT_LEN,
+    _first_difference,
+    _Sides,
+)  # the CPU benchmark's, beside this file
 
 REPEATS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _hf_run(hf: Any, prompts: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
-    t0 = time.perf_counter()
-    out = hf.generate(
-        prompts,
-        attention_mask=torch.ones_like(prompts),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    tokens = out[:, prompts.shape[1] :].tolist()  # to the host: the GPU work is done
-    return time.perf_counter() - t0, tokens
-
-
-def _hal_run(model: Any, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
-    from hal.model.generate import generate
-
-    t0 = time.perf_counter()
-    result = generate(model, prompts, max_new_tokens=n, eos_token_ids=())
-    return time.perf_counter() - t0, result.tokens
 
 
 def measure(name: str, backend: hal.Backend, dtypes: list[str], batches: list[int]) -> list[dict[str, Any]]:
@@ -80,17 +62,18 @@ def measure(name: str, backend: hal.Backend, dtypes: list[str], batches: list[in
             dtype = DTYPES[dname]
             hf = hf_cpu.to(device=backend.device, dtype=dtype)  # nn.Module.to moves in place
             model = load_model(tmp, backend, dtype=dtype, progress=False)
+            sides = _Sides(hf, model)  # test_decode.py's two generate calls, each timed whole
             g = torch.Generator().manual_seed(1)
             for batch in batches:
                 prompts = torch.randint(0, model.cfg.vocab_size, (batch, PROMPT_LEN), generator=g)
                 on_device = prompts.to(backend.device)
-                hf_tokens = _hf_run(hf, on_device, NEW_TOKENS)[1]
-                hal_tokens = _hal_run(model, prompts.tolist(), NEW_TOKENS)[1]
+                hf_tokens = sides.hf_run(on_device, NEW_TOKENS)[1]  # tokens to the host: the GPU work is done
+                hal_tokens = sides.hal_run(prompts, NEW_TOKENS)[1].tokens
                 times: dict[tuple[str, int], list[float]] = {(s, n): [] for s in ("hf", "hal") for n in (NEW_TOKENS, 1)}
                 for _ in range(REPEATS):
                     for n in (NEW_TOKENS, 1):
-                        times[("hf", n)].append(_hf_run(hf, on_device, n)[0])
-                        times[("hal", n)].append(_hal_run(model, prompts.tolist(), n)[0])
+                        times[("hf", n)].append(sides.hf_run(on_device, n)[0])
+                        times[("hal", n)].append(sides.hal_run(prompts, n)[0])
                 med = {k: statistics.median(v) for k, v in times.items()}
                 decoded = batch * (NEW_TOKENS - 1)
                 hf_tps = decoded / (med[("hf", NEW_TOKENS)] - med[("hf", 1)])
@@ -115,7 +98,7 @@ def measure(name: str, backend: hal.Backend, dtypes: list[str], batches: list[in
                     f"({row['ratio']:.2f}x); greedy tokens {row['greedy_tokens']}",
                     flush=True,
                 )
-            del model
+            del model, sides
             torch.cuda.empty_cache()
     return rows
 
