@@ -5,6 +5,11 @@ initial ones and zeros (so both are really tested), saved with ``save_pretrained
 loader on the CPU backend. Checked: prefill logits of a batch of different prompt lengths, greedy
 continuations, absorbed vs expanded MLA decode, FP8 (quantize at load, DeepSeek-format checkpoints) and
 ``hal run --json``.
+
+``HAL_PARITY_BACKEND=NAME`` runs the checks that take the ``backend`` fixture on another installed
+backend, without the project's conftest (which turns Triton's interpreter on), as on an H100::
+
+    HAL_PARITY_BACKEND=nvidia python -m pytest -c /dev/null --confcutdir tests/model tests/model/test_parity.py
 """
 
 from __future__ import annotations
@@ -99,12 +104,13 @@ TOL = 1e-5
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|``."""
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+    """``max|a - b| / max|b|`` (on the CPU: one side may be on the backend's device)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+    return float(torch.nn.functional.cosine_similarity(a.double().cpu().flatten(), b.double().cpu().flatten(), dim=0))
 
 
 def random_prompts(lengths: tuple[int, ...], seed: int, vocab: int = VOCAB) -> list[list[int]]:
@@ -171,7 +177,11 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def backend() -> hal.Backend:
-    return hal.Registry(entry_points=False, plugins=[("cpu", hal_cpu)]).get_backend("cpu")
+    """The cpu backend alone (no plugin discovery), unless ``HAL_PARITY_BACKEND`` names another."""
+    name = os.environ.get("HAL_PARITY_BACKEND", "cpu")
+    if name == "cpu":
+        return hal.Registry(entry_points=False, plugins=[("cpu", hal_cpu)]).get_backend("cpu")
+    return hal.Registry().get_backend(name)
 
 
 @dataclass
