@@ -196,6 +196,18 @@ def _packed_fields(
     return packed, [_aligned(p.shape[1]) for p in packed]
 
 
+def _gather_rows(out: torch.Tensor, packed: list[torch.Tensor], widths: list[int], index: torch.Tensor) -> None:
+    """``out[i]`` = the packed row of token ``index[i]``: each field's selected rows go straight into its
+    columns of ``out`` (one ``index_select`` per field, written through ``out``'s strides), so no packed
+    table of every token is built first; alignment padding between fields is zeroed."""
+    at = 0
+    for p, w in zip(packed, widths, strict=True):
+        torch.index_select(p, 0, index, out=out[:, at : at + p.shape[1]])
+        if w > p.shape[1]:
+            out[:, at + p.shape[1] : at + w].zero_()
+        at += w
+
+
 def _write_rows(out: torch.Tensor, packed: list[torch.Tensor], widths: list[int]) -> torch.Tensor:
     """Write the packed fields side by side into ``out [..., T, sum(widths)]`` (broadcast over leading dims)."""
     at = 0
@@ -243,10 +255,11 @@ def ep_dispatch(
     arrives in source-rank order, which gives ``Dispatched``'s order (source rank, then source token).
 
     Cost: two collectives, the row counts (started asynchronously, so its latency overlaps the packing)
-    and the rows. Each token is packed once into a byte row ``[x | x_scales | global ids (int32) |
-    weights]`` (fields 8-byte aligned) and the rows for the other ranks are gathered per destination with
-    one ``index_select``; this rank's own rows never travel: they are gathered straight into their place
-    in the receive buffer (:func:`_exchange_around_own`). The receiver turns global ids into local ones
+    and the rows. A row is the token's bytes ``[x | x_scales | global ids (int32) | weights]`` (fields
+    8-byte aligned); the rows for the other ranks are gathered per destination, each field straight
+    into its columns of the send buffer (:func:`_gather_rows`: one pass over the payload, no table of
+    every token first); this rank's own rows never travel: they are gathered the same way straight into
+    their place in the receive buffer (:func:`_exchange_around_own`). The receiver turns global ids into local ones
     (``-1`` and weight 0 for another rank's experts) and reads the metadata as views of the received
     bytes. With ``max_tokens_per_rank`` (low-latency mode) see :func:`_dispatch_low_latency`: one
     collective.
@@ -265,21 +278,20 @@ def ep_dispatch(
     recv_counts_t = torch.empty_like(send_counts)
     pending = dist.all_to_all_single(recv_counts_t, send_counts, group=group, async_op=True)
 
-    # While the counts travel: one packed byte row per token, then the rows each rank gets, by rank.
-    if widths == [p.shape[1] for p in packed]:
-        table = torch.cat(packed, dim=1)
-    else:  # a field to pad (an odd hidden size, a top_k of 1)
-        table = _write_rows(torch.zeros(num_tokens, sum(widths), dtype=torch.uint8, device=dev), packed, widths)
+    # While the counts travel: the packed rows each other rank gets, by rank, gathered field by field.
+    row = sum(widths)
     send_index = goes.nonzero()[:, 1]  # row-major: by destination rank, then token
     send_list = [int(c) for c in send_counts.tolist()]
     lo, hi = sum(send_list[:rank]), sum(send_list[: rank + 1])  # this rank's own rows in send order
-    send = table.index_select(0, torch.cat([send_index[:lo], send_index[hi:]]))
+    others = torch.cat([send_index[:lo], send_index[hi:]])
+    send = torch.empty(others.shape[0], row, dtype=torch.uint8, device=dev)
+    _gather_rows(send, packed, widths, others)
 
     pending.wait()
     recv_counts = [int(c) for c in recv_counts_t.tolist()]
-    recv = torch.empty(sum(recv_counts), table.shape[1], dtype=torch.uint8, device=dev)
+    recv = torch.empty(sum(recv_counts), row, dtype=torch.uint8, device=dev)
     own = _exchange_around_own(recv, send, recv_counts, send_list, rank, group)
-    torch.index_select(table, 0, send_index[lo:hi], out=own)
+    _gather_rows(own, packed, widths, send_index[lo:hi])
 
     got = _unpack(recv, packed, widths, x.dtype, x_scales is not None, rank, local)
     handle = DispatchHandle(
