@@ -256,10 +256,11 @@ def ep_dispatch(
 
     Cost: two collectives, the row counts (started asynchronously, so its latency overlaps the packing)
     and the rows. A row is the token's bytes ``[x | x_scales | global ids (int32) | weights]`` (fields
-    8-byte aligned); the rows for the other ranks are gathered per destination, each field straight
-    into its columns of the send buffer (:func:`_gather_rows`: one pass over the payload, no table of
-    every token first); this rank's own rows never travel: they are gathered the same way straight into
-    their place in the receive buffer (:func:`_exchange_around_own`). The receiver turns global ids into local ones
+    8-byte aligned). The metadata fields are packed into one small table; the rows for the other ranks
+    are gathered per destination, x and that table each straight into their columns of the send buffer
+    (:func:`_gather_rows`: one pass over the x bytes, no packed copy of every token's x first). This
+    rank's own rows never travel: they are gathered the same way straight into their place in the
+    receive buffer (:func:`_exchange_around_own`). The receiver turns global ids into local ones
     (``-1`` and weight 0 for another rank's experts) and reads the metadata as views of the received
     bytes. With ``max_tokens_per_rank`` (low-latency mode) see :func:`_dispatch_low_latency`: one
     collective.
@@ -278,20 +279,28 @@ def ep_dispatch(
     recv_counts_t = torch.empty_like(send_counts)
     pending = dist.all_to_all_single(recv_counts_t, send_counts, group=group, async_op=True)
 
-    # While the counts travel: the packed rows each other rank gets, by rank, gathered field by field.
+    # While the counts travel: the packed rows each other rank gets, by rank, gathered as two column
+    # blocks, x and the small metadata fields side by side (one table of those, not of the x bytes).
     row = sum(widths)
+    if widths[1:] == [p.shape[1] for p in packed[1:]]:
+        meta = torch.cat(packed[1:], dim=1)
+    else:  # a field to pad (a top_k of 1, an odd hidden / 128)
+        meta = _write_rows(
+            torch.zeros(num_tokens, row - widths[0], dtype=torch.uint8, device=dev), packed[1:], widths[1:]
+        )
+    blocks, block_widths = [packed[0], meta], [widths[0], row - widths[0]]
     send_index = goes.nonzero()[:, 1]  # row-major: by destination rank, then token
     send_list = [int(c) for c in send_counts.tolist()]
     lo, hi = sum(send_list[:rank]), sum(send_list[: rank + 1])  # this rank's own rows in send order
     others = torch.cat([send_index[:lo], send_index[hi:]])
     send = torch.empty(others.shape[0], row, dtype=torch.uint8, device=dev)
-    _gather_rows(send, packed, widths, others)
+    _gather_rows(send, blocks, block_widths, others)
 
     pending.wait()
     recv_counts = [int(c) for c in recv_counts_t.tolist()]
     recv = torch.empty(sum(recv_counts), row, dtype=torch.uint8, device=dev)
     own = _exchange_around_own(recv, send, recv_counts, send_list, rank, group)
-    _gather_rows(own, packed, widths, send_index[lo:hi])
+    _gather_rows(own, blocks, block_widths, send_index[lo:hi])
 
     got = _unpack(recv, packed, widths, x.dtype, x_scales is not None, rank, local)
     handle = DispatchHandle(
