@@ -335,7 +335,7 @@ def scaled_mm_blockwise(
             "gemm_fp8",
             "xq",
             f"torch._scaled_mm's block scaling needs K a multiple of {SCALED_MM_K_MULTIPLE} (4 scale blocks), "
-            f"got K = {k}: with fewer cuBLAS returned wrong products without an error (H100, torch 2.11)",
+            f"got K = {k}: other K gave wrong products without an error (H100, torch 2.11); use the Triton kernel",
         )
     pad = -m % 4
     if pad:
