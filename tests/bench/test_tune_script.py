@@ -3,29 +3,22 @@ Triton's interpreter (what the script does on a GPU, at the cpu-small shapes).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hal.bench.shapes import Shape, ShapeSet
+from tests.file_modules import loaded_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tune() -> Any:
-    path = ROOT / "bench" / "nvidia" / "tune.py"
-    spec = importlib.util.spec_from_file_location("hal_tune_script", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_module(ROOT / "bench" / "nvidia" / "tune.py", "hal_tune_script") as module:
+        yield module
 
 
 def test_the_grid_is_laid_over_the_tuned_config_which_comes_first(tune: Any) -> None:

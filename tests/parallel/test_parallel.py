@@ -21,14 +21,12 @@ its rendezvous port itself, so the launches started together cannot collide on o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -38,6 +36,7 @@ from safetensors.torch import load_file
 import hal
 from hal.cli import main
 from hal.testing.dist import torchrun_command, torchrun_env
+from tests.file_modules import load_module
 
 pytestmark = pytest.mark.distributed
 
@@ -52,15 +51,7 @@ RUN_ARGS = ["--json", "--batch", "3", "--max-new-tokens", "10", "--no-warmup", "
 CLI_LAYOUTS = {"tp2": ["--tp", "2"], "ep2": ["--ep", "2"], "tp2-ep2": ["--tp", "2", "--ep", "2"]}
 
 
-def _load_worker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("parallel_worker", HERE / "worker.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_worker()
+worker = load_module(HERE / "worker.py", "parallel_worker")
 
 
 def _torchrun(*args: str) -> subprocess.Popen[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,21 +10,15 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests.file_modules import load_module
+
 _EMULATION = Path(__file__).with_name("torch_npu_emulation.py")
-
-
-def _load_emulation() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("torch_npu_emulation", _EMULATION)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
 def emulation_module() -> ModuleType:
     """The emulation module, loaded once per session (not installed as torch_npu by itself)."""
-    return _load_emulation()
+    return load_module(_EMULATION, "torch_npu_emulation")
 
 
 @pytest.fixture

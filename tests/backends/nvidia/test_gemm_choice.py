@@ -4,9 +4,7 @@ block-scaled ``torch._scaled_mm`` helper against an emulation, and the measuring
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from hal_nvidia.gemm_choice import (
     scaled_mm_blockwise,
     scaled_mm_blockwise_support,
 )
+from tests.file_modules import loaded_module
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -296,14 +295,8 @@ def _activation_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def measure() -> Any:
-    path = ROOT / "bench" / "nvidia" / "measure_gemm_choice.py"
-    spec = importlib.util.spec_from_file_location("measure_gemm_choice", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with loaded_module(ROOT / "bench" / "nvidia" / "measure_gemm_choice.py", "measure_gemm_choice") as module:
+        yield module
 
 
 def test_the_default_keeps_a_shape_unless_the_other_is_clearly_faster(measure: Any) -> None:
