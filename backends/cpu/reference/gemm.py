@@ -31,11 +31,29 @@ __all__ = [  # noqa: RUF022
 _F32 = torch.float32
 _linear = F.linear
 
+#: Rows of ``x`` at which torch's fp32 CPU matmul (MKL) reads a large weight 1.2-2.1x slower than at
+#: 1-3 rows or at 16 and more (``bench/gemm/cpu_row_blocks.py``: 14 ms for the 32000x1024 LM head at
+#: 8 rows, 4.5 ms at 1 row): there :func:`gemm` multiplies the weight in blocks of rows instead.
+ROW_BLOCKS_M = range(4, 16)
+#: Weights smaller than this are multiplied whole (blocks gain nothing measurable below 8 MiB).
+ROW_BLOCKS_MIN_BYTES = 8 << 20
+#: Bytes of weight per block: small enough that what the matmul does with a block stays in cache.
+ROW_BLOCK_BYTES = 1 << 20
+
+
+def _linear_row_blocks(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` one block of ~:data:`ROW_BLOCK_BYTES` of ``w``'s rows at a time (each output
+    column is the same dot product; only MKL's choice of path differs)."""
+    rows = max(1, ROW_BLOCK_BYTES // (w.shape[1] * w.element_size()))
+    return torch.cat([_linear(x, block) for block in w.split(rows)], dim=1)
+
 
 def gemm(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x [M, K] @ w [N, K].T`` → ``[M, N]`` of ``out_dtype`` (``None``: x's dtype), fp32 accumulation."""
-    # fp32 in, fp32 out is exactly F.linear: no upcast, no cast, nothing between the caller and it.
+    # fp32 in, fp32 out is F.linear: no upcast, no cast; a large weight at a few rows goes by row blocks.
     if x.dtype is _F32 and (out_dtype is None or out_dtype is _F32):
+        if x.shape[0] in ROW_BLOCKS_M and w.numel() * w.element_size() >= ROW_BLOCKS_MIN_BYTES and x.is_cpu:
+            return _linear_row_blocks(x, w)  # an MKL matter: CPU only (Ascend runs this op on NPU tensors too)
         return _linear(x, w)
     return F.linear(x.float(), w.float()).to(out_dtype or x.dtype)
 

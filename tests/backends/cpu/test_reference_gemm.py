@@ -113,6 +113,35 @@ def test_gemm_fp32_is_linear() -> None:
     assert torch.equal(ref.gemm(x, w, out_dtype=torch.float32), F.linear(x, w))
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 15, 16, 33])
+def test_gemm_fp32_row_blocks(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large fp32 weight at 4-15 rows goes by blocks of its rows (a partial last block included);
+    every row count gives F.linear's product, and the blocks are taken exactly where they should be."""
+    monkeypatch.setattr(ref, "ROW_BLOCKS_MIN_BYTES", 300 * 40 * 4)
+    monkeypatch.setattr(ref, "ROW_BLOCK_BYTES", 64 * 40 * 4)  # 64 rows per block: 5 blocks, the last of 44
+    calls: list[int] = []
+    linear = ref._linear
+    monkeypatch.setattr(ref, "_linear", lambda x, w: calls.append(w.shape[0]) or linear(x, w))
+    gen = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 40, generator=gen), torch.randn(300, 40, generator=gen)
+    out = ref.gemm(x, w)
+    _assert_matches(out, _matmul_oracle(x, w), torch.float32)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-6, atol=1e-6)
+    assert calls == ([64, 64, 64, 64, 44] if 4 <= m < 16 else [300])
+    # Below the size threshold, the weight is multiplied whole.
+    calls.clear()
+    ref.gemm(x, w[:299])
+    assert calls == [299]
+
+
+def test_gemm_fp32_row_blocks_real_size() -> None:
+    """At the real thresholds: an 8 MiB weight at 8 rows, blocks of 1 MiB, against the float64 oracle."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(8, 1024, generator=gen), torch.randn(2048, 1024, generator=gen)
+    assert w.numel() * 4 >= ref.ROW_BLOCKS_MIN_BYTES and 8 in ref.ROW_BLOCKS_M
+    _assert_matches(ref.gemm(x, w), _matmul_oracle(x, w), torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------
 # quantize_fp8
 # ---------------------------------------------------------------------------------------------------
