@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(m, k, generator=gen)
             a = _median_ms(_cycling(F.linear, x, weights), args.repeats)
             b = _median_ms(_cycling(ref._linear_row_blocks, x, weights), args.repeats)
-            cells.append(f"M{m} {a:.2f}/{b:.2f} {a / b:.2f}x")
-        print(f"{n}x{k} ({n * k * 4 / 2**20:.0f} MiB): " + "  ".join(cells))
+            cells.append(f"M{m} {a:.3g}/{b:.3g} {a / b:.2f}x")
+        print(f"{n}x{k} ({n * k * 4 / 2**20:.3g} MiB): " + "  ".join(cells))
 
 
 if __name__ == "__main__":
