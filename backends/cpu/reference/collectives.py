@@ -474,7 +474,8 @@ def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) ->
     """Low-latency combine: the own block of ``y`` stays; the others go back to their ranks in one
     fixed-split exchange. Token ``t``'s terms are added in rank order with the ignored slots left out
     (the other ranks' are zeroed on arrival; the tokens that chose none of this rank's experts are summed
-    again afterwards without the own term, so ``y`` is never copied), which gives the normal mode's sums."""
+    again afterwards without the own term, so ``y`` is never copied), which gives the normal mode's sums.
+    With two ranks the sum is made in the receive buffer and the result is a view of it."""
     world, hidden, tokens, m = len(handle.send_counts), y.shape[1], handle.num_tokens, handle.max_tokens_per_rank
     assert m is not None and handle.remote_ignored is not None  # low-latency handles carry both
     own_ignored = handle.send_index.to(device=y.device)
@@ -487,6 +488,10 @@ def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) ->
     dist.all_to_all_single(_bytes(back), _bytes(y[m:]), splits, splits, group=group)
     back.index_fill_(0, handle.remote_ignored.to(device=y.device), 0)
     remote = list(back.view(world - 1, m, hidden)[:, :tokens])
+    if world == 2:  # one term from each rank: the own one is added in place to the received rows (a + b is
+        # b + a, bit for bit), so no output is allocated (writing a fresh [T, H] costs more than the sum)
+        kept = remote[0].index_select(0, own_ignored)
+        return remote[0].add_(own).index_copy_(0, own_ignored, kept)
     out = _add_in_order([*remote[:rank], own, *remote[rank:]], y.dtype)  # rank order
     if own_ignored.numel():
         out.index_copy_(0, own_ignored, _add_in_order([r.index_select(0, own_ignored) for r in remote], y.dtype))
