@@ -489,7 +489,7 @@ def _combine_low_latency(y: torch.Tensor, handle: DispatchHandle, group: Any) ->
     back.index_fill_(0, handle.remote_ignored.to(device=y.device), 0)
     remote = list(back.view(world - 1, m, hidden)[:, :tokens])
     if world == 2:  # one term from each rank: the own one is added in place to the received rows (a + b is
-        # b + a, bit for bit), so no output is allocated (writing a fresh [T, H] costs more than the sum)
+        # b + a, bit for bit), so no [T, H] output is allocated (first-touching one costs about as much as the sum)
         kept = remote[0].index_select(0, own_ignored)
         return remote[0].add_(own).index_copy_(0, own_ignored, kept)
     out = _add_in_order([*remote[:rank], own, *remote[rank:]], y.dtype)  # rank order

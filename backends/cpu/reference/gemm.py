@@ -31,9 +31,10 @@ __all__ = [  # noqa: RUF022
 _F32 = torch.float32
 _linear = F.linear
 
-#: Rows of ``x`` at which torch's fp32 CPU matmul (MKL) reads a large weight 1.2-2.1x slower than at
-#: 1-3 rows or at 16 and more (``bench/gemm/cpu_row_blocks.py``: 14 ms for the 32000x1024 LM head at
-#: 8 rows, 4.5 ms at 1 row): there :func:`gemm` multiplies the weight in blocks of rows instead.
+#: Rows of ``x`` at which torch's fp32 CPU matmul (MKL) slows down on a large weight (the 32000x1024 LM
+#: head of the decode benchmark: 4.5 ms at 1-3 rows, 8.6 at 4, 13.7 at 8, 18.6 at 12, 14.0 at 16) and
+#: multiplying it by blocks of rows is 1.2-2.4x faster (``bench/gemm/cpu_row_blocks.py``): :func:`gemm`
+#: does that there.
 ROW_BLOCKS_M = range(4, 16)
 #: Weights smaller than this are multiplied whole (blocks gain nothing measurable below 8 MiB).
 ROW_BLOCKS_MIN_BYTES = 8 << 20
