@@ -292,3 +292,19 @@ class DispatchHandle(NamedTuple):
     num_tokens: int
     max_tokens_per_rank: int | None = None
     remote_ignored: torch.Tensor | None = None
+
+    @classmethod
+    def low_latency(cls, skipped: torch.Tensor, rank: int, max_tokens: int) -> DispatchHandle:
+        """The handle of a low-latency dispatch of ``T`` tokens in ``max_tokens`` slots per rank.
+
+        :param skipped: bool ``[world, T]``: token ``t`` selected none of rank ``r``'s experts.
+        :param rank: this rank.
+        :param max_tokens: M, the slots per rank (``>= T``).
+        """
+        world, num_tokens = skipped.shape
+        own_ignored = skipped[rank].nonzero().squeeze(1)
+        others = [r for r in range(world) if r != rank]
+        padded = skipped.new_zeros(len(others), max_tokens)  # slots past T come back as nothing
+        padded[:, :num_tokens] = skipped[others]
+        counts = [max_tokens] * world
+        return cls(own_ignored, counts, counts, num_tokens, max_tokens, padded.view(-1).nonzero().squeeze(1))

@@ -147,13 +147,7 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
     send = [int(n) for n in goes[rank].sum(dim=1).tolist()]
     recv = [int(goes[src][rank].sum()) for src in range(WORLD)]
     handle = DispatchHandle(send_index.to(device), send, recv, tokens)
-    # Low-latency mode: the tokens that selected none of this rank's experts, and the slots of the other
-    # ranks' blocks (in rank order) whose token selected none of that rank's.
-    skipped = ~goes[rank]
-    own_ignored = skipped[rank].nonzero().squeeze(1)
-    remote_ignored = skipped[[r for r in range(WORLD) if r != rank]].reshape(-1).nonzero().squeeze(1)
-    counts = [tokens] * WORLD
-    handle_ll = DispatchHandle(own_ignored.to(device), counts, counts, tokens, tokens, remote_ignored.to(device))
+    handle_ll = DispatchHandle.low_latency(~goes[rank].to(device), rank, tokens)  # max_tokens_per_rank = T
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(tokens, hidden, generator=g).to(torch.float8_e4m3fn)
     scales = torch.rand(tokens, hidden // 128, generator=g)

@@ -423,13 +423,7 @@ def _dispatch_low_latency(
 
     # The combine's bookkeeping: which tokens selected none of each rank's experts.
     skipped = _destinations(topk_ids, num_experts // world, world).logical_not_()
-    own_ignored = skipped[rank].nonzero().squeeze(1)
-    others = [r for r in range(world) if r != rank]
-    padded = torch.zeros(len(others), max_tokens, dtype=torch.bool, device=dev)
-    padded[:, :num_tokens] = skipped[others]
-    remote_ignored = padded.view(-1).nonzero().squeeze(1)
-    counts = [max_tokens] * world
-    handle = DispatchHandle(own_ignored, counts, counts, num_tokens, max_tokens, remote_ignored)
+    handle = DispatchHandle.low_latency(skipped, rank, max_tokens)
 
     if world > 1:
         send = own if world == 2 else own.expand(world - 1, max_tokens, row).reshape(-1, row)

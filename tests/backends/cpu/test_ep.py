@@ -377,3 +377,21 @@ def test_combine_sum_is_an_fp32_accumulation(dtype: torch.dtype, world: int) -> 
     assert got.dtype == dtype
     _same(got, want)  # the same terms in the same order, in fp32, rounded once
     _same(ref._sum_by_token([rows[:0]] * world, token[:0], tokens), torch.zeros(tokens, 16, dtype=dtype))
+
+
+def test_low_latency_handle_lists_the_ignored_slots() -> None:
+    # Rank 1 of 3, 4 tokens in 6 slots per rank: skipped[r, t] = token t chose none of rank r's experts.
+    skipped = torch.tensor(
+        [
+            [True, False, False, True],  # rank 0
+            [False, True, False, False],  # this rank
+            [False, False, True, True],  # rank 2
+        ]
+    )
+    handle = DispatchHandle.low_latency(skipped, 1, 6)
+    assert handle.send_index.tolist() == [1]  # the own results to ignore: token 1's
+    assert handle.send_counts == handle.recv_counts == [6, 6, 6]
+    assert (handle.num_tokens, handle.max_tokens_per_rank) == (4, 6)
+    assert handle.remote_ignored is not None
+    # Rank 0's block first (slots 0-5), then rank 2's (6-11); slots past the 4 tokens are not ignored.
+    assert handle.remote_ignored.tolist() == [0, 3, 6 + 2, 6 + 3]
