@@ -32,7 +32,7 @@ import torch
 
 import hal
 from hal.bench.cases import cases_for, prepare
-from hal.bench.runner import _disagreement
+from hal.bench.runner import disagreement
 from hal.bench.shapes import default_shape_set, shape_set
 from hal.bench.timing import make_timer
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prepared = prepare(case, _Override(backend, args.op, fn), reference)  # type: ignore[arg-type]
                 out = prepared.fn()
                 ref = next(b for b in prepared.baselines if b.name == "reference")
-                why = _disagreement(ref.fn(), out) if ref.fn is not None else None
+                why = disagreement(ref.fn(), out) if ref.fn is not None else None
             except Exception as exc:  # a config that cannot serve the case is reported, not timed
                 why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:160]
             if why is not None:

@@ -34,7 +34,7 @@ from hal.bench.shapes import ShapeSet
 from hal.bench.timing import Timer, Timing, make_timer, steady_cpu_allocator
 from hal.progress import Progress
 
-__all__ = ["SCHEMA", "BaselineResult", "CaseResult", "Run", "run_suite"]
+__all__ = ["SCHEMA", "BaselineResult", "CaseResult", "Run", "disagreement", "run_suite"]
 
 SCHEMA = "hal-bench/1"
 log = logging.getLogger("hal.bench")
@@ -263,7 +263,7 @@ def _main_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def _disagreement(out: Any, other: Any) -> str | None:
+def disagreement(out: Any, other: Any) -> str | None:
     """Why ``other`` does not compute what ``out`` does (``None``: it agrees within the dtype's slack)."""
     a, b = _main_tensor(out), _main_tensor(other)
     if a is None or b is None:
@@ -286,7 +286,7 @@ def _measure(
     checks: dict[str, str | None] = {}
     for b in prepared.baselines:
         if b.fn is not None:
-            checks[b.name] = _disagreement(out, b.fn()) if b.compare else None
+            checks[b.name] = disagreement(out, b.fn()) if b.compare else None
     del out
     runnable = [b for b in prepared.baselines if b.fn is not None]
     timings = timer.many([prepared.fn, *(b.fn for b in runnable if b.fn is not None)])
