@@ -2,10 +2,10 @@
 
 torch's fp32 matmul on x86 CPUs is MKL's; at a few rows of ``x`` and a large weight its time depends on
 the row count in steps: on the 2-core development machine the 32000x1024 LM head of the decode
-benchmark takes 4.5 ms at 1-3 rows, 9 ms at 4-6 rows and 14-18 ms at 8-12 rows, then 13 ms at 16.
+benchmark takes 4.5 ms at 1-3 rows, 9 ms at 4-6 rows, 14-23 ms at 8-15 rows, then 14 ms at 16.
 Multiplying the weight one ~1 MiB block of rows at a time (``hal_cpu.reference.gemm``'s
-``ROW_BLOCK_BYTES``) brings 4-15 rows down to 7-9 ms. This prints, for the weights of the ~452M decode
-benchmark config (LM head, dense MLP, a square 2048x2048, an 1024x1024 attention output) and the row
+``ROW_BLOCK_BYTES``) brings 4-15 rows down to 6.4-9.6 ms. This prints, for the weights of the ~452M
+decode benchmark config (LM head, dense MLP, a square 2048x2048, a 1024x1024 attention output) and the row
 counts ``--rows``, the median time of ``F.linear(x, w)`` and of the row-block product, and their ratio.
 Each call takes the next of enough copies of ``w`` (256 MiB) that none finds its weight in cache.
 The rows where the ratio exceeds 1 should be exactly ``ROW_BLOCKS_M`` for weights of at least
