@@ -11,6 +11,11 @@ Each call takes the next of enough copies of ``w`` (256 MiB) that none finds its
 The rows where the ratio exceeds 1 should be exactly ``ROW_BLOCKS_M`` for weights of at least
 ``ROW_BLOCKS_MIN_BYTES``; a machine where they are not would want other constants.
 
+``--dtype bfloat16`` (or ``float16``) times half-precision weights instead, which the CPU ``gemm`` takes
+by blocks at ``ROW_BLOCKS_M_HALF`` rows when their fp32 size reaches ``ROW_BLOCKS_MIN_BYTES``:
+``F.linear(x, w.float())`` (the whole weight upcast at each call) against the blocks, each upcast into
+one reused buffer.
+
     .venv/bin/python bench/gemm/cpu_row_blocks.py
     .venv/bin/python bench/gemm/cpu_row_blocks.py --rows 1,8 --shapes 32000x1024
 """
@@ -56,24 +61,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", default=SHAPES, help=f"weights N x K, comma-separated (default {SHAPES})")
     parser.add_argument("--rows", default=ROWS, help=f"rows of x, comma-separated (default {ROWS})")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per point (default 15)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weight dtype (default float32)"
+    )
     args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call, F.linear / row blocks")
+    dtype = getattr(torch, args.dtype)
+    whole = "F.linear" if dtype is torch.float32 else f"F.linear of the upcast {args.dtype} weight"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per call, {whole} / row blocks")
+    taken = ref.ROW_BLOCKS_M if dtype is torch.float32 else ref.ROW_BLOCKS_M_HALF
     print(
-        f"row blocks: rows {ref.ROW_BLOCKS_M.start}-{ref.ROW_BLOCKS_M.stop - 1} of x, weights >= "
-        f"{ref.ROW_BLOCKS_MIN_BYTES >> 20} MiB, blocks of {ref.ROW_BLOCK_BYTES >> 20} MiB"
+        f"the CPU gemm takes row blocks at rows {taken.start}-{taken.stop - 1} of x for weights of >= "
+        f"{ref.ROW_BLOCKS_MIN_BYTES >> 20} MiB in fp32, blocks of {ref.ROW_BLOCK_BYTES >> 20} MiB in fp32"
     )
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.lower().split("x"))
-        copies = max(2, (256 << 20) // (n * k * 4))
-        weights = [torch.randn(n, k, generator=gen) for _ in range(copies)]
+        copies = max(2, (256 << 20) // (n * k * dtype.itemsize))
+        weights = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(copies)]
         cells = []
         for m in (int(v) for v in args.rows.split(",")):
             x = torch.randn(m, k, generator=gen)
-            a = _median_ms(_cycling(F.linear, x, weights), args.repeats)
+            a = _median_ms(_cycling(lambda x, w: F.linear(x, w.float()), x, weights), args.repeats)
             b = _median_ms(_cycling(ref._linear_row_blocks, x, weights), args.repeats)
             cells.append(f"M{m} {a:.3g}/{b:.3g} {a / b:.2f}x")
-        print(f"{n}x{k} ({n * k * 4 / 2**20:.3g} MiB): " + "  ".join(cells))
+        print(f"{n}x{k} ({n * k * dtype.itemsize / 2**20:.3g} MiB): " + "  ".join(cells))
 
 
 if __name__ == "__main__":

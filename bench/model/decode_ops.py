@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps (default 20)")
     parser.add_argument("--backend", default="cpu", help="HAL backend (default cpu)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype (default float32)"
+    )
     parser.add_argument("--gemm-shapes", action="store_true", help="time the weight shapes' GEMMs alone (CPU)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1:
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     calls: collections.Counter[str] = collections.Counter()
     for name in backend.table:
         setattr(backend, name, _timed(getattr(backend, name), name, spent, calls))
-    print(f"building the {args.config} config ({args.backend}, fp32, seeded random weights)…", file=sys.stderr)
-    model = DeepseekModel(cfg, backend, random_state_dict(cfg))
+    dtype = getattr(torch, args.dtype)
+    print(f"building the {args.config} config ({args.backend}, {args.dtype}, seeded random weights)…", file=sys.stderr)
+    model = DeepseekModel(cfg, backend, random_state_dict(cfg, dtype=dtype), dtype=dtype)
     if args.gemm_shapes:
         _gemm_shapes(model, args.batch)
         return 0
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(time.perf_counter() - t0)
     n = args.steps
     in_ops = sum(spent.values()) / n
-    print(f"{args.config} config, batch {args.batch}: median step {statistics.median(steps) * 1e3:.2f} ms, "
+    print(f"{args.config} config, {args.dtype}, batch {args.batch}: median step {statistics.median(steps) * 1e3:.2f} ms, "
           f"mean {statistics.mean(steps) * 1e3:.2f} ms, of which backend ops {in_ops * 1e3:.2f} ms")
     print(f"{'op':24s} {'ms/step':>8s} {'calls/step':>10s} {'us/call':>8s}")
     for name, seconds in spent.most_common():

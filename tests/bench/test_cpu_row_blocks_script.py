@@ -17,8 +17,7 @@ def test_the_script_prints_one_cell_per_row_count(capsys: Any) -> None:
     with loaded_module(ROOT / "bench" / "gemm" / "cpu_row_blocks.py", "hal_cpu_row_blocks_script") as script:
         script.main(["--shapes", "96x64,32x16", "--rows", "1,5", "--repeats", "1"])
     out = capsys.readouterr().out
-    last = ref.ROW_BLOCKS_M.stop - 1
-    assert f"rows {ref.ROW_BLOCKS_M.start}-{last} of x" in out
+    assert f"at rows {ref.ROW_BLOCKS_M.start}-{ref.ROW_BLOCKS_M.stop - 1} of x" in out
     lines = [line for line in out.splitlines() if re.match(r"\d+x\d+ \(", line)]
     assert [line.split(" ")[0] for line in lines] == ["96x64", "32x16"]
     for line in lines:

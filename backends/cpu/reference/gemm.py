@@ -7,6 +7,8 @@ cast to the output dtype. Inputs have been validated by the catalogue (:mod:`hal
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -36,27 +38,48 @@ _linear = F.linear
 #: multiplying it by blocks of rows is 1.2-2.4x faster (``bench/gemm/cpu_row_blocks.py``): :func:`gemm`
 #: does that there.
 ROW_BLOCKS_M = range(4, 16)
-#: Weights smaller than this are multiplied whole (blocks gain nothing measurable below 8 MiB).
+#: The same for a half-precision weight, which is upcast block by block (below): 1.06-5.7x faster at
+#: 1-15 rows (the LM head 5.2-5.7x); from 16 rows on as fast or slower for weights of 11-22 MiB in fp32
+#: (``--dtype bfloat16``; the LM head is still 2.8-3.3x faster there, left whole for one rule).
+ROW_BLOCKS_M_HALF = range(1, 16)
+#: Weights whose fp32 size is below this are multiplied whole (blocks gain nothing measurable below 8 MiB).
 ROW_BLOCKS_MIN_BYTES = 8 << 20
-#: Bytes of weight per block: small enough that what the matmul does with a block stays in cache.
+#: fp32 bytes of weight per block: small enough that what the matmul does with a block stays in cache.
 ROW_BLOCK_BYTES = 1 << 20
 
 
 def _linear_row_blocks(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)`` one block of ~:data:`ROW_BLOCK_BYTES` of ``w``'s rows at a time (each output
-    column is the same dot product; only MKL's choice of path differs)."""
-    rows = max(1, ROW_BLOCK_BYTES // (w.shape[1] * w.element_size()))
-    return torch.cat([_linear(x, block) for block in w.split(rows)], dim=1)
+    """``F.linear(x, w.float())`` for fp32 ``x``, one block of ~:data:`ROW_BLOCK_BYTES` of ``w``'s rows at a
+    time; each output column is the same fp32 dot product as over the whole weight (MKL may sum it in
+    another order).
+
+    A half-precision ``w`` is upcast one block at a time into one reused buffer: upcasting it whole
+    writes a fresh fp32 copy twice its size at every call (5x the time of the blocks for the 32000x1024
+    LM head in bf16 at 1-8 rows, ``bench/gemm/cpu_row_blocks.py --dtype bfloat16``).
+    """
+    rows = max(1, ROW_BLOCK_BYTES // (w.shape[1] * 4))
+    out = x.new_empty(x.shape[0], w.shape[0])
+    scratch = None if w.dtype is _F32 else x.new_empty(min(rows, w.shape[0]), w.shape[1])
+    for start in range(0, w.shape[0], rows):
+        block = w[start : start + rows]
+        if scratch is not None:
+            block = scratch[: block.shape[0]].copy_(block)
+        out[:, start : start + block.shape[0]] = _linear(x, block)
+    return out
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, *, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x [M, K] @ w [N, K].T`` → ``[M, N]`` of ``out_dtype`` (``None``: x's dtype), fp32 accumulation."""
     # fp32 in, fp32 out is F.linear: no upcast, no cast; a large weight at a few rows goes by row blocks.
+    # Half precision is upcast to fp32; a large weight at a few rows block by block. (Blocks are a CPU
+    # matter: the Ascend backend runs this op on NPU tensors too.)
     if x.dtype is _F32 and (out_dtype is None or out_dtype is _F32):
-        if x.shape[0] in ROW_BLOCKS_M and w.numel() * w.element_size() >= ROW_BLOCKS_MIN_BYTES and x.is_cpu:
-            return _linear_row_blocks(x, w)  # an MKL matter: CPU only (Ascend runs this op on NPU tensors too)
+        if x.shape[0] in ROW_BLOCKS_M and w.numel() * 4 >= ROW_BLOCKS_MIN_BYTES and x.is_cpu:
+            return _linear_row_blocks(x, w)
         return _linear(x, w)
-    return F.linear(x.float(), w.float()).to(out_dtype or x.dtype)
+    if x.shape[0] in ROW_BLOCKS_M_HALF and w.numel() * 4 >= ROW_BLOCKS_MIN_BYTES and x.is_cpu:
+        return _linear_row_blocks(x.float(), w).to(out_dtype or x.dtype)
+    return _linear(x.float(), w.float()).to(out_dtype or x.dtype)
 
 
 def quantize_fp8(
@@ -93,15 +116,19 @@ def gemm_fp8(
     return F.linear(x, w).to(out_dtype)
 
 
-def _contiguous(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Grouped matmul of fp32 ``x [M, K]`` by fp32 ``w [E, N, K]`` over expert row ranges."""
-    out = x.new_zeros(x.shape[0], w.shape[1])
+def _contiguous(
+    x: torch.Tensor, weight: Callable[[int], torch.Tensor], n: int, offsets: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Grouped matmul of fp32 ``x [M, K]`` over expert row ranges, ``N`` columns; ``weight(e)`` is expert
+    ``e``'s fp32 ``[N, K]``, made only for the experts that have rows (upcasting or dequantizing the whole
+    stack at every call reads and writes every expert's weight for the few a decode step uses)."""
+    out = x.new_zeros(x.shape[0], n)
     # The reference may read the offsets on the host; kernels must not.
     bounds = offsets.tolist()
-    for e in range(w.shape[0]):
+    for e in range(len(bounds) - 1):
         start, end = bounds[e], bounds[e + 1]
         if end > start:
-            out[start:end] = F.linear(x[start:end], w[e])
+            out[start:end] = F.linear(x[start:end], weight(e))
     return out.to(out_dtype)
 
 
@@ -119,7 +146,7 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """Contiguous layout: rows ``offsets[e]:offsets[e + 1]`` of ``x [M, K]`` times ``w[e].T`` → ``[M, N]``;
     rows at and past ``offsets[E]`` are zero."""
-    return _contiguous(x.float(), w.float(), offsets, out_dtype or x.dtype)
+    return _contiguous(x.float(), lambda e: w[e].float(), w.shape[1], offsets, out_dtype or x.dtype)
 
 
 def grouped_gemm_masked(
@@ -140,8 +167,7 @@ def grouped_gemm_fp8(
 ) -> torch.Tensor:
     """FP8 contiguous layout: ``grouped_gemm`` on the fp32 dequantizations of ``(xq, xs)`` and ``(wq, ws)``."""
     x = dequantize_fp8_groups(xq, xs, BLOCK)
-    w = dequantize_fp8_blocks(wq, ws, BLOCK)
-    return _contiguous(x, w, offsets, out_dtype)
+    return _contiguous(x, lambda e: dequantize_fp8_blocks(wq[e], ws[e], BLOCK), wq.shape[1], offsets, out_dtype)
 
 
 def grouped_gemm_fp8_masked(

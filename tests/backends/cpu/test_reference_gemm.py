@@ -134,6 +134,31 @@ def test_gemm_fp32_row_blocks(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == [299]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 8, 33])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_gemm_half_row_blocks(
+    m: int, dtype: torch.dtype, out_dtype: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large half-precision weight is upcast block by block at 1-15 rows, whole at more: the product is
+    the one of the whole upcast weight (up to MKL's order of summation), rounded once to the output dtype."""
+    monkeypatch.setattr(ref, "ROW_BLOCKS_MIN_BYTES", 300 * 40 * 4)
+    monkeypatch.setattr(ref, "ROW_BLOCK_BYTES", 64 * 40 * 4)
+    calls: list[tuple[int, torch.dtype]] = []
+    linear = ref._linear
+    monkeypatch.setattr(ref, "_linear", lambda x, w: calls.append((w.shape[0], w.dtype)) or linear(x, w))
+    gen = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 40, generator=gen).to(dtype), torch.randn(300, 40, generator=gen).to(dtype)
+    out = ref.gemm(x, w, out_dtype=out_dtype)
+    assert calls == ([(64, torch.float32)] * 4 + [(44, torch.float32)] if m < 16 else [(300, torch.float32)])
+    whole = F.linear(x.float(), w.float())
+    if out_dtype is None:  # the fp32 sums agree to ~1e-7: rounded to half precision they agree, or differ by an ulp
+        torch.testing.assert_close(out, whole.to(dtype), rtol=torch.finfo(dtype).eps, atol=0.0)
+    else:
+        torch.testing.assert_close(out, whole, rtol=1e-6, atol=1e-5)
+    _assert_matches(out, _matmul_oracle(x, w), out_dtype or dtype)
+
+
 def test_gemm_fp32_row_blocks_real_size() -> None:
     """At the real thresholds: an 8 MiB weight at 8 rows, blocks of 1 MiB, against the float64 oracle."""
     gen = torch.Generator().manual_seed(1)
