@@ -144,8 +144,13 @@ def dequantize_fp8_blocks(wq: torch.Tensor, ws: torch.Tensor, block: int = 128) 
         op, "ws", ws, [*batch, _v.cdiv(n, block), _v.cdiv(k, block)], "[..., ceil(N / block), ceil(K / block)]"
     )
     _v.same_device(op, (("wq", wq), ("ws", ws)))
+    w = wq.to(torch.float32, memory_format=torch.contiguous_format)
+    if n % block == 0 and k % block == 0:  # whole tiles: scale them in place, no per-value scale tensor
+        tiles = w.view(*batch, n // block, block, k // block, block)
+        tiles.mul_(ws.reshape(*batch, n // block, 1, k // block, 1))
+        return w
     per_value = ws.repeat_interleave(block, dim=-2)[..., :n, :].repeat_interleave(block, dim=-1)[..., :k]
-    return wq.float() * per_value
+    return w.mul_(per_value)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -169,6 +169,18 @@ def test_dequantize_fp8_blocks(shape: tuple[int, ...], block: int, fp8_dtype: to
     torch.testing.assert_close(out.double(), _dequant_blocks_oracle(wq, ws, block), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300)], ids=["whole-tiles", "ragged"])
+def test_dequantize_fp8_blocks_of_strided_views(shape: tuple[int, int]) -> None:
+    # Transposed views of the weight and its scales: the same values as their contiguous copies give.
+    gen = torch.Generator().manual_seed(3)
+    wq = _random_fp8(shape[::-1], FP8[0], gen).t()
+    ws = _random_scales((_cdiv(shape[1], 128), _cdiv(shape[0], 128)), gen).t()
+    assert not wq.is_contiguous() and not ws.is_contiguous()
+    out = dequantize_fp8_blocks(wq, ws)
+    assert torch.equal(out, dequantize_fp8_blocks(wq.contiguous(), ws.contiguous()))
+    torch.testing.assert_close(out.double(), _dequant_blocks_oracle(wq, ws, 128), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
 @pytest.mark.parametrize(("shape", "block"), BLOCK_CASES, ids=BLOCK_IDS)

@@ -36,7 +36,8 @@ import torch
 import hal
 from hal.model.config import ModelConfig
 from hal.model.deepseek import DeepseekModel
-from hal.model.weights import random_state_dict
+from hal.model.loader import quantize_linear
+from hal.model.weights import Weight, is_linear, random_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_decode import CONFIGS, PROMPT_LEN  # the benchmark's configs, beside this file
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model dtype (default float32)"
     )
+    parser.add_argument("--quantize", choices=["fp8", "int8"], help="quantize the linear weights, as hal run does")
     parser.add_argument("--gemm-shapes", action="store_true", help="time the weight shapes' GEMMs alone (CPU)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1:
@@ -122,8 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in backend.table:
         setattr(backend, name, _timed(getattr(backend, name), name, spent, calls))
     dtype = getattr(torch, args.dtype)
-    print(f"building the {args.config} config ({args.backend}, {args.dtype}, seeded random weights)…", file=sys.stderr)
-    model = DeepseekModel(cfg, backend, random_state_dict(cfg, dtype=dtype), dtype=dtype)
+    what = args.dtype + (f", {args.quantize} weights" if args.quantize else "")
+    print(f"building the {args.config} config ({args.backend}, {what}, seeded random weights)…", file=sys.stderr)
+    weights: dict[str, Weight] = dict(random_state_dict(cfg, dtype=dtype))
+    if args.quantize is not None:
+        fp8 = backend.capabilities.fp8_dtype or torch.float8_e4m3fn
+        for name, w in list(weights.items()):
+            q = quantize_linear(w, args.quantize, fp8) if is_linear(name) and isinstance(w, torch.Tensor) else None
+            weights[name] = w if q is None else q
+    model = DeepseekModel(cfg, backend, weights, dtype=dtype)
     if args.gemm_shapes:
         _gemm_shapes(model, args.batch)
         return 0
@@ -143,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(time.perf_counter() - t0)
     n = args.steps
     in_ops = sum(spent.values()) / n
-    print(f"{args.config} config, {args.dtype}, batch {args.batch}: median step {statistics.median(steps) * 1e3:.2f} ms, "
-          f"mean {statistics.mean(steps) * 1e3:.2f} ms, of which backend ops {in_ops * 1e3:.2f} ms")
+    print(
+        f"{args.config} config, {what}, batch {args.batch}: median step {statistics.median(steps) * 1e3:.2f} ms, "
+        f"mean {statistics.mean(steps) * 1e3:.2f} ms, of which backend ops {in_ops * 1e3:.2f} ms"
+    )
     print(f"{'op':24s} {'ms/step':>8s} {'calls/step':>10s} {'us/call':>8s}")
     for name, seconds in spent.most_common():
         print(f"{name:24s} {seconds / n * 1e3:8.3f} {calls[name] / n:10.0f} {seconds / calls[name] * 1e6:8.1f}")
