@@ -169,6 +169,17 @@ def test_dequantize_fp8_blocks(shape: tuple[int, ...], block: int, fp8_dtype: to
     torch.testing.assert_close(out.double(), _dequant_blocks_oracle(wq, ws, block), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
+def test_dequantization_gives_every_fp8_code_its_value(fp8_dtype: torch.dtype) -> None:
+    # All 256 codes (NaN included), with unit scales: exactly torch's own conversion of each.
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).repeat(128, 2)[:, :384]  # [128, 384]
+    want = codes.float()
+    for got in (dequantize_fp8_blocks(codes, torch.ones(1, 3)), dequantize_fp8_groups(codes, torch.ones(128, 3))):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert torch.equal(got.signbit(), want.signbit())  # -0.0 stays -0.0
+
+
 @pytest.mark.parametrize("shape", [(256, 384), (200, 300)], ids=["whole-tiles", "ragged"])
 def test_dequantize_fp8_blocks_of_strided_views(shape: tuple[int, int]) -> None:
     # Transposed views of the weight and its scales: the same values as their contiguous copies give.
