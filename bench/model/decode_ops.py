@@ -7,8 +7,10 @@ prefills ``--batch`` seeded random 32-token prompts, runs 3 greedy decode steps 
 ``--steps`` more with every op of the backend wrapped in a timer. Prints the median step time and, per
 op, the time per step, calls per step and time per call; the rest of the step is the model's own
 Python and torch glue (embedding, residual adds, slicing, the cache's bookkeeping, sampling).
+``--dtype bfloat16`` (or ``float16``) builds the model in that dtype, and ``--quantize fp8`` (or
+``int8``) quantizes its linear weights as ``hal run --quantize`` does.
 
-``--gemm-shapes`` instead times the GEMMs alone, one per kind of weight the built model holds (gate
+``--gemm-shapes`` instead times the fp32 GEMMs alone, one per kind of weight the built model holds (gate
 and up fused, one expert of the stack): ``F.linear(x, W)`` and ``(W @ xᵀ)ᵀ`` for ``x`` of 1 and of
 ``--batch`` rows, each over enough copies of ``W`` (256 MiB) that no call finds its weight in cache,
 and prints the read rate of each.
