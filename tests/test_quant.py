@@ -180,6 +180,34 @@ def test_dequantization_gives_every_fp8_code_its_value(fp8_dtype: torch.dtype) -
         assert torch.equal(got.signbit(), want.signbit())  # -0.0 stays -0.0
 
 
+def _non_nan_codes(dtype: torch.dtype, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Every code of ``dtype`` but its NaNs (subnormals and both zeros included), in a random arrangement."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[~codes.view(dtype).float().isnan()]
+    return codes[torch.randint(0, codes.numel(), shape, generator=gen)].view(dtype)
+
+
+@pytest.mark.parametrize("scale_exp", [-140, -60, 0, 60, 110, 125], ids=lambda e: f"2^{e}")
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300)], ids=["whole-tiles", "ragged"])
+@pytest.mark.parametrize("fp8_dtype", FP8, ids=FP8_IDS)
+def test_dequantization_is_bitwise_torch_conversion_times_scale(
+    fp8_dtype: torch.dtype, shape: tuple[int, int], scale_exp: int
+) -> None:
+    # Without NaN codes the CPU converts fp8 by moving bits into float16 and folds a power of two into the
+    # scales: the result must still be torch's own conversion times the scale, bit for bit, for scales
+    # from subnormal (products underflow) to past 2^100 (where no power of two is folded; 2^125 overflows).
+    gen = torch.Generator().manual_seed(scale_exp + 200)
+    wq = _non_nan_codes(fp8_dtype, shape, gen)
+    n, k = shape
+    ws = (torch.rand(_cdiv(n, 128), _cdiv(k, 128), generator=gen) + 0.5) * 2.0**scale_exp
+    per_value = ws.repeat_interleave(128, dim=0)[:n].repeat_interleave(128, dim=1)[:, :k]
+    want = wq.float() * per_value
+    assert torch.equal(dequantize_fp8_blocks(wq, ws).view(torch.int32), want.view(torch.int32))
+    xs = (torch.rand(n, _cdiv(k, 128), generator=gen) + 0.5) * 2.0**scale_exp
+    want = wq.float() * xs.repeat_interleave(128, dim=1)[:, :k]
+    assert torch.equal(dequantize_fp8_groups(wq, xs).view(torch.int32), want.view(torch.int32))
+
+
 @pytest.mark.parametrize("shape", [(256, 384), (200, 300)], ids=["whole-tiles", "ragged"])
 def test_dequantize_fp8_blocks_of_strided_views(shape: tuple[int, int]) -> None:
     # Transposed views of the weight and its scales: the same values as their contiguous copies give.
