@@ -102,7 +102,7 @@ class EpPayload:
     :ivar topk_weights: float32 [T, top_k] (dispatch).
     :ivar y: bf16 [R, H] the received rows' results (combine).
     :ivar handle: the dispatch's handle, built locally from every rank's routing (combine).
-    :ivar y_ll: bf16 [WORLD * T, H], the same in low-latency mode (every slot).
+    :ivar y_ll: bf16 [world * T, H], the same in low-latency mode (every slot).
     :ivar handle_ll: the low-latency dispatch's handle, built locally (combine).
     :ivar wire: uint8 rows of the bytes the op moves, for the plain ``all_to_all_single`` baseline.
     :ivar wire_send: rows of ``wire`` sent to each rank.
@@ -132,20 +132,22 @@ def _routing(rank: int, tokens: int, top_k: int) -> torch.Tensor:
     return torch.rand(tokens, NUM_EXPERTS, generator=g).argsort(dim=1)[:, :top_k]
 
 
-def _goes(ids: torch.Tensor) -> torch.Tensor:
-    """[WORLD, T] bool: token t is sent to rank r (it selected one of r's experts)."""
-    owner = ids // (NUM_EXPERTS // WORLD)
-    return torch.stack([(owner == r).any(dim=1) for r in range(WORLD)])
+def _goes(ids: torch.Tensor, world: int) -> torch.Tensor:
+    """[world, T] bool: token t is sent to rank r (it selected one of r's experts)."""
+    owner = ids // (NUM_EXPERTS // world)
+    return torch.stack([(owner == r).any(dim=1) for r in range(world)])
 
 
-def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPayload:
+def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int, world: int) -> EpPayload:
     p = shape.params
     tokens, hidden, top_k = p["t"], p["h"], p["top_k"]
-    goes = [_goes(_routing(r, tokens, top_k)) for r in range(WORLD)]
+    if NUM_EXPERTS % world:
+        raise BenchError(f"{op}: {world} ranks do not divide the {NUM_EXPERTS} experts evenly")
+    goes = [_goes(_routing(r, tokens, top_k), world) for r in range(world)]
     ids = _routing(rank, tokens, top_k)
     send_index = goes[rank].nonzero(as_tuple=True)[1]
     send = [int(n) for n in goes[rank].sum(dim=1).tolist()]
-    recv = [int(goes[src][rank].sum()) for src in range(WORLD)]
+    recv = [int(goes[src][rank].sum()) for src in range(world)]
     handle = DispatchHandle(send_index.to(device), send, recv, tokens)
     handle_ll = DispatchHandle.low_latency(~goes[rank].to(device), rank, tokens)  # max_tokens_per_rank = T
     g = torch.Generator().manual_seed(100 + rank)
@@ -168,7 +170,7 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
         topk_weights=weights.to(device),
         y=y.to(device),
         handle=handle,
-        y_ll=torch.zeros(WORLD * tokens, hidden, dtype=torch.bfloat16, device=device),
+        y_ll=torch.zeros(world * tokens, hidden, dtype=torch.bfloat16, device=device),
         handle_ll=handle_ll,
         wire=wire.to(device),
         wire_send=wire_send,
@@ -178,16 +180,18 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int) -> EpPay
     )
 
 
-def payload(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = 0) -> Any:
-    """What rank ``rank`` contributes to ``op`` at ``shape``: a tensor, or an :class:`EpPayload`."""
+def payload(
+    op: str, shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = 0, world: int = WORLD
+) -> Any:
+    """What rank ``rank`` of ``world`` contributes to ``op`` at ``shape``: a tensor, or an :class:`EpPayload`."""
     p = shape.params
     if op in _EP_KIND:
-        return _ep_payload(op, shape, device, rank)
+        return _ep_payload(op, shape, device, rank, world)
     if op == "all_reduce":
         return torch.zeros(p["t"], p["h"], dtype=dtype, device=device)
     if op == "all_to_all":
         rows = p["t"] * p["top_k"]
-        rows -= rows % WORLD
+        rows -= rows % world
         return torch.zeros(rows, p["row_bytes"], dtype=torch.uint8, device=device)
     raise BenchError(f"no collective benchmark for {op!r}; known: {', '.join(_OPS)}")
 
@@ -238,17 +242,17 @@ def nbytes(t: Any) -> int:
     return int(t.numel() * t.element_size())
 
 
-def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal") -> dict[str, float]:
+def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal", world: int = WORLD) -> dict[str, float]:
     """``bytes``, ``algbw_gbps`` and ``busbw_gbps`` (nccl-tests' conventions) of one call taking ``seconds``.
 
     For ``ep_dispatch`` / ``ep_combine`` also ``wire_bytes`` (what this rank really sends to the other
-    ranks: the routed rows less its own for ``hal``, the ``(WORLD - 1) · T`` slots of the other ranks for
+    ranks: the routed rows less its own for ``hal``, the ``(world - 1) · T`` slots of the other ranks for
     ``hal-ll``, every routed row for the baseline, whose ``all_to_all_single`` copies a rank's own rows
     to itself) and its rate.
     """
     size = nbytes(t)
     alg = size / seconds / 1e9
-    factor = 2 * (WORLD - 1) / WORLD if op == "all_reduce" else (WORLD - 1) / WORLD
+    factor = 2 * (world - 1) / world if op == "all_reduce" else (world - 1) / world
     out = {"bytes": float(size), "algbw_gbps": alg, "busbw_gbps": alg * factor}
     if isinstance(t, EpPayload):
         wire = t.wire.numel() * t.wire.element_size()
@@ -256,8 +260,12 @@ def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal") -> dict[str, f
             wire -= t.wire_own * t.wire.shape[1]
         if impl == "hal-ll":  # T slots to each other rank; a dispatch row carries every rank's ids and weights
             top_k = t.topk_ids.shape[1]
-            row = t.wire.shape[1] + (WORLD - 1) * top_k * 12 + top_k * 4 if op == "ep_dispatch" else t.wire.shape[1]
-            wire = (WORLD - 1) * t.x.shape[0] * row
+            # The reference's low-latency row: x, scales, then int64 ids and fp32 weights (12 bytes an
+            # expert) for every rank up to 4 ranks, once above (its PER_RANK_ROUTING_MAX_WORLD), in place
+            # of the baseline row's int32 ids and fp32 weights (8 bytes an expert).
+            copies = world if world <= 4 else 1
+            row = t.wire.shape[1] - top_k * 8 + copies * top_k * 12 if op == "ep_dispatch" else t.wire.shape[1]
+            wire = (world - 1) * t.x.shape[0] * row
         out.update({"wire_bytes": float(wire), "wire_gbps": wire / seconds / 1e9})
     return out
 
