@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import hal
-from hal.bench.collectives import HAL_IMPLS, IMPLS, Pair, bandwidth, call, nbytes, op_shapes, payload
+from hal.bench.collectives import HAL_IMPLS, IMPLS, Pair, bandwidth, call, nbytes, op_shapes, payload, timed_rounds
 from hal.bench.shapes import ShapeSet, default_shape_set, shape_set
 
 pytestmark = pytest.mark.distributed
@@ -77,7 +77,7 @@ def test_collective(benchmark: Any, pair: Pair, op: str, shape_index: int, impl:
         inner()
 
     size = nbytes(t)
-    rounds = 1 if benchmark.disabled else max(5, min(50, int(2e8 / max(size, 1))))
+    rounds = 1 if benchmark.disabled else timed_rounds(size)
     warmup = 0 if benchmark.disabled else 2
     planned = rounds + warmup
     pair.announce(op, shape_index, impl, planned)

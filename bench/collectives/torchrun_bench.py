@@ -35,15 +35,21 @@ import torch.distributed as dist
 
 import hal
 import hal.distributed as hd
-from hal.bench.collectives import HAL_IMPLS, IMPLS, NUM_EXPERTS, bandwidth, call, nbytes, op_shapes, payload
+from hal.bench.collectives import (
+    HAL_IMPLS,
+    IMPLS,
+    NUM_EXPERTS,
+    bandwidth,
+    call,
+    nbytes,
+    op_shapes,
+    payload,
+    threads_per_rank,
+    timed_rounds,
+)
 from hal.bench.shapes import default_shape_set, shape_set
 
 _EP_OPS = ("ep_dispatch", "ep_combine")
-
-
-def _rounds(size: int) -> int:
-    """Timed calls of a case by its payload size: as ``test_collectives_bench.py`` makes them."""
-    return max(5, min(50, int(2e8 / max(size, 1))))
 
 
 def _time(fn: Any, sync: Any, rounds: int, warmup: int) -> list[float]:
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     info = hd.init(backend)
     rank, world = info.rank, info.world_size
     if backend.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(threads_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     shapes = shape_set(args.shapes) if args.shapes else default_shape_set(backend.device.type)
     dtype = getattr(torch, shapes.dtype)
     sync = backend.op("synchronize")
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             timed: dict[str, float] = {}
             for impl in IMPLS[op]:
                 t = payload(op, shape, dtype, backend.device, rank=rank, world=world)
-                rounds = args.rounds or _rounds(nbytes(t))
+                rounds = args.rounds or timed_rounds(nbytes(t))
                 seconds = statistics.median(
                     _slowest(_time(call(backend, op, impl, t), sync, rounds, args.warmup), world)
                 )

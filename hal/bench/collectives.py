@@ -65,6 +65,8 @@ __all__ = [
     "nbytes",
     "op_shapes",
     "payload",
+    "threads_per_rank",
+    "timed_rounds",
 ]
 
 WORLD = 2
@@ -180,9 +182,7 @@ def _ep_payload(op: str, shape: Shape, device: torch.device, rank: int, world: i
     )
 
 
-def payload(
-    op: str, shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = 0, world: int = WORLD
-) -> Any:
+def payload(op: str, shape: Shape, dtype: torch.dtype, device: torch.device, rank: int = 0, world: int = WORLD) -> Any:
     """What rank ``rank`` of ``world`` contributes to ``op`` at ``shape``: a tensor, or an :class:`EpPayload`."""
     p = shape.params
     if op in _EP_KIND:
@@ -270,10 +270,16 @@ def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal", world: int = W
     return out
 
 
-def _threads_per_rank() -> int:
-    """Both ranks share this host's cores: each gets its share of intra-op threads (oversubscribed OpenMP
-    threads spin against the other rank and make the ops' host work many times slower)."""
-    return max(1, (os.cpu_count() or 1) // WORLD)
+def threads_per_rank(ranks: int = WORLD) -> int:
+    """Intra-op threads for each of ``ranks`` processes sharing this host's cores: each gets its share
+    (oversubscribed OpenMP threads spin against the other ranks and make the ops' host work many times
+    slower)."""
+    return max(1, (os.cpu_count() or 1) // ranks)
+
+
+def timed_rounds(size: int) -> int:
+    """Timed calls of a collective benchmark case moving ``size`` bytes: 5 to 50, fewer for larger payloads."""
+    return max(5, min(50, int(2e8 / max(size, 1))))
 
 
 def follower(port: int, backend_name: str, shapes_name: str, dtype_name: str) -> None:
@@ -281,7 +287,7 @@ def follower(port: int, backend_name: str, shapes_name: str, dtype_name: str) ->
     until told to stop."""
     import hal
 
-    torch.set_num_threads(_threads_per_rank())
+    torch.set_num_threads(threads_per_rank())
     store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=False, timeout=_TIMEOUT)
     dist.init_process_group("gloo", store=store, rank=1, world_size=WORLD, timeout=_TIMEOUT)
     try:
@@ -321,7 +327,7 @@ class Pair:
             raise BenchError("a torch.distributed process group already exists in this process")
         self.backend = backend
         self._threads = torch.get_num_threads()
-        torch.set_num_threads(_threads_per_rank())
+        torch.set_num_threads(threads_per_rank())
         # Rank 0 hosts the rendezvous store on a port the OS assigns as it binds (no free-port race with
         # anything started at the same time); rank 1 connects to it.
         store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, timeout=_TIMEOUT, wait_for_workers=False)
