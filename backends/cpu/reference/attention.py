@@ -15,23 +15,19 @@ import torch
 __all__ = ["attention_prefill", "mla_decode"]
 
 
-def _masked_softmax_attend(
-    scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the visible keys, then the weighted sum of values.
+def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the visible keys, in place.
 
-    :param scores: float32 [..., h, Lq, Lk], already scaled.
+    :param scores: float32 [..., Lq, Lk], already scaled; overwritten by the probabilities.
     :param visible: bool, broadcastable to scores (e.g. [Lq, Lk]), True where a query may see a key.
-    :param v: float32 [..., h or 1, Lk, d_v].
-    :returns: ``(out float32 [..., h, Lq, d_v], lse float32 [..., h, Lq])``; a query that sees no key
-        gets a zero output and ``lse = -inf`` (a plain softmax would give NaN there).
+    :returns: ``(probs, lse float32 [..., Lq])``; a query that sees no key gets zero probabilities
+        and ``lse = -inf`` (a plain softmax would give NaN there).
     """
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores.masked_fill_(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with no visible key
-    seen = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(seen, lse, 0.0).unsqueeze(-1))  # exp(-inf) = 0 on masked keys
-    probs = torch.where(seen.unsqueeze(-1), probs, 0.0)
-    return probs @ v, lse
+    # Subtracting 0 instead of -inf on those rows leaves exp(-inf) = 0 on each of their keys.
+    probs = scores.sub_(torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)).exp_()
+    return probs, lse
 
 
 def mla_decode(
@@ -63,26 +59,28 @@ def mla_decode(
     seqlens = cache_seqlens.long()
     max_len = max(int(seqlens.max()), 1) if b else 1
     n_blocks = -(-max_len // block_size)
+    length = n_blocks * block_size
     # One batch of padded keys: each sequence's pages in table order. Table entries past a sequence's
     # length may hold anything (even invalid ids), so they are replaced by block 0 before gathering and
     # the padded keys are zeroed: unused cache rows may hold garbage, and 0 * NaN would leak into the sum.
-    pos = torch.arange(n_blocks * block_size, device=q.device)  # [L]
-    valid = pos.unsqueeze(0) < seqlens.unsqueeze(1)  # [b, L]
+    pos = torch.arange(length, device=q.device)
+    valid = pos < seqlens.unsqueeze(1)  # [b, L]
     used = valid[:, ::block_size]  # [b, n_blocks]: a block is used when its first row is
     table = torch.where(used, block_table[:, :n_blocks].long(), 0)
-    keys = kv_cache[:, :, 0].index_select(0, table.reshape(-1)).reshape(b, n_blocks * block_size, d).float()
-    keys = keys.masked_fill(~valid.unsqueeze(-1), 0.0)  # [b, L, d]
+    keys = kv_cache[:, :, 0][table].reshape(b, length, d).float()  # a gathered copy: zeroed in place
+    keys.masked_fill_(~valid.unsqueeze(-1), 0.0)
     # Every (query, head) pair of a sequence is one row: [b, s_q * h, d] against the single latent head,
     # so scores and the value sum are each one batched matmul (no per-head copy of the keys).
-    rows = q.float().reshape(b, s_q * h, d)
-    scores = torch.bmm(rows, keys.transpose(1, 2)) * scale  # [b, s_q * h, L]
-    # Query i of s_q sees keys < seqlen - s_q + i + 1 (causal) or < seqlen.
-    limit = seqlens.view(b, 1) - (s_q - 1 - torch.arange(s_q, device=q.device)) * int(causal)  # [b, s_q]
-    visible = (pos.view(1, 1, -1) < limit.unsqueeze(-1)).repeat_interleave(h, dim=1)  # [b, s_q * h, L]
-    o, lse = _masked_softmax_attend(scores, visible, keys[..., :head_dim_v])  # [b, s_q * h, d_v], [b, s_q * h]
-    out = o.view(b, s_q, h, head_dim_v)
-    lse = lse.view(b, s_q, h).transpose(1, 2)  # [b, h, s_q]
-    return out.to(q.dtype), lse
+    scores = torch.bmm(q.float().reshape(b, s_q * h, d), keys.transpose(1, 2)).mul_(scale)  # [b, s_q * h, L]
+    # Query i of s_q sees keys < seqlen - s_q + i + 1 (causal) or < seqlen; every head alike.
+    if causal and s_q > 1:
+        limit = seqlens.view(b, 1) - (s_q - 1 - torch.arange(s_q, device=q.device))  # [b, s_q]
+        visible = (pos < limit.unsqueeze(-1)).unsqueeze(2)  # [b, s_q, 1, L]
+    else:
+        visible = valid.view(b, 1, 1, length)
+    probs, lse = _masked_softmax(scores.view(b, s_q, h, length), visible)
+    out = torch.bmm(probs.view(b, s_q * h, length), keys[..., :head_dim_v])  # [b, s_q * h, d_v]
+    return out.view(b, s_q, h, head_dim_v).to(q.dtype), lse.transpose(1, 2)  # lse [b, h, s_q]
 
 
 def attention_prefill(
@@ -129,6 +127,6 @@ def attention_prefill(
             visible = cols <= rows + (lk - lq)
         else:
             visible = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
-        o, _ = _masked_softmax_attend(scores, visible, vs)
-        out[q0:q1] = o.transpose(0, 1)
+        probs, _ = _masked_softmax(scores, visible)
+        out[q0:q1] = (probs @ vs).transpose(0, 1)
     return out.to(q.dtype)
