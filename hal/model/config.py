@@ -98,7 +98,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
         """Build from a ``config.json`` dict (DeepSeek's or transformers'), rejecting what the model
-        does not implement with the offending key named."""
+        does not implement, and every value of the wrong type or out of range, with the key named."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config.json: expected a JSON object, got {type(raw).__name__}")
 
         def get(key: str, default: Any = None) -> Any:
             return raw.get(key, default)
@@ -123,45 +125,40 @@ class ModelConfig:
         topk_method = get("topk_method", "noaux_tc")
         if topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
             raise ConfigError(f"topk_method: expected noaux_tc, greedy or group_limited_greedy, got {topk_method!r}")
-        rope = _rope(raw)
-        eos = get("eos_token_id")
-        eos_ids: tuple[int, ...] = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        for key in required:
-            if not isinstance(get(key), int) or get(key) <= 0:
-                raise ConfigError(f"{key}: expected a positive int, got {get(key)!r}")
-        n_routed = get("n_routed_experts") or 0
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            _int(raw, key, None, minimum=1)  # required: None fails too
+        intermediate = get("intermediate_size")
         cfg = cls(
             vocab_size=get("vocab_size"),
             hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"),
-            moe_intermediate_size=get("moe_intermediate_size") or get("intermediate_size"),
+            intermediate_size=intermediate,
+            moe_intermediate_size=_int(raw, "moe_intermediate_size", intermediate, minimum=1, null=intermediate),
             num_hidden_layers=get("num_hidden_layers"),
             num_attention_heads=heads,
-            n_routed_experts=n_routed,
-            num_experts_per_tok=get("num_experts_per_tok") or 0,
-            n_shared_experts=get("n_shared_experts") or 0,
-            first_k_dense_replace=get("first_k_dense_replace", 0) or 0,
-            n_group=get("n_group") or 1,
-            topk_group=get("topk_group") or 1,
-            norm_topk_prob=bool(get("norm_topk_prob", False)),
-            routed_scaling_factor=float(get("routed_scaling_factor", 1.0) or 1.0),
+            n_routed_experts=_int(raw, "n_routed_experts", 0, null=0),
+            num_experts_per_tok=_int(raw, "num_experts_per_tok", 0, null=0),
+            n_shared_experts=_int(raw, "n_shared_experts", 0, null=0),
+            first_k_dense_replace=_int(raw, "first_k_dense_replace", 0, null=0),
+            n_group=_int(raw, "n_group", 1, minimum=1, null=1),
+            topk_group=_int(raw, "topk_group", 1, minimum=1, null=1),
+            norm_topk_prob=_bool(raw, "norm_topk_prob", False),
+            routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0, null=1.0),
             scoring_func=scoring,
             topk_method=topk_method,
-            q_lora_rank=get("q_lora_rank"),
-            kv_lora_rank=get("kv_lora_rank", 512),
-            qk_nope_head_dim=get("qk_nope_head_dim", 128),
-            qk_rope_head_dim=get("qk_rope_head_dim", 64),
-            v_head_dim=get("v_head_dim", 128),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=get("max_position_embeddings", 4096),
-            rope_interleave=bool(get("rope_interleave", True)),
-            rope=rope,
-            eos_token_id=eos_ids,
-            bos_token_id=get("bos_token_id"),
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            q_lora_rank=_int(raw, "q_lora_rank", None, minimum=1, null=None),
+            kv_lora_rank=_int(raw, "kv_lora_rank", 512, minimum=1),
+            qk_nope_head_dim=_int(raw, "qk_nope_head_dim", 128, minimum=1),
+            qk_rope_head_dim=_int(raw, "qk_rope_head_dim", 64, minimum=1),
+            v_head_dim=_int(raw, "v_head_dim", 128, minimum=1),
+            rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6, zero=True),
+            max_position_embeddings=_int(raw, "max_position_embeddings", 4096, minimum=1),
+            rope_interleave=_bool(raw, "rope_interleave", True),
+            rope=_rope(raw),
+            eos_token_id=_token_ids(raw, "eos_token_id"),
+            bos_token_id=_int(raw, "bos_token_id", None, minimum=0, null=None),
+            tie_word_embeddings=_bool(raw, "tie_word_embeddings", False),
             torch_dtype=get("torch_dtype") or get("dtype"),
-            num_nextn_predict_layers=get("num_nextn_predict_layers", 0) or 0,
+            num_nextn_predict_layers=_int(raw, "num_nextn_predict_layers", 0, null=0),
         )
         cfg.check()
         return cfg
@@ -173,8 +170,12 @@ class ModelConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face model directory?)") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got a JSON {type(raw).__name__}")
         return cls.from_dict(raw)
 
     def check(self) -> None:
@@ -205,28 +206,94 @@ class ModelConfig:
             raise ConfigError(f"eos_token_id: {self.eos_token_id} outside the vocabulary of {self.vocab_size}")
 
 
+_MISSING = object()
+
+
+def _int(raw: Mapping[str, Any], key: str, default: Any, *, minimum: int = 0, null: Any = _MISSING) -> Any:
+    """``raw[key]`` (``default`` when absent; ``null`` when JSON null, if null is allowed), an int (not
+    a bool) ``>= minimum``."""
+    value = raw.get(key, default)
+    if value is None and null is not _MISSING:
+        return null
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ConfigError(f"{key}: expected {what}{' or null' if null is not _MISSING else ''}, got {value!r}")
+    return value
+
+
+def _float(
+    raw: Mapping[str, Any], key: str, default: float, *, null: Any = _MISSING, zero: bool = False, where: str = ""
+) -> float:
+    """``raw[key]`` (``default`` when absent), a finite number > 0 (``>= 0`` with ``zero``); ``where``
+    prefixes the key's section in the error."""
+    value = raw.get(key, default)
+    if value is None and null is not _MISSING:
+        return float(null)
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{where}{key}: expected a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _token_ids(raw: Mapping[str, Any], key: str) -> tuple[int, ...]:
+    """``null`` (none), one id, or a list of ids (each a non-negative int)."""
+    value = raw.get(key)
+    ids = [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+    if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+        raise ConfigError(f"{key}: expected null, a token id or a list of token ids, got {value!r}")
+    return tuple(ids)
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction ``0.1 * mscale * ln(scale) + 1`` (1 when ``scale <= 1``)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The RoPE parameters from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (DeepSeek)."""
-    params = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling")
-    if scaling:
-        params.update(scaling)
-    params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
-    rope_type = params.pop("type", None) or params.get("rope_type") or "default"
-    params["rope_type"] = rope_type
+    """The RoPE parameters from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (DeepSeek), each
+    value checked; an error names the section the value came from."""
+    sections = {key: raw.get(key) for key in ("rope_parameters", "rope_scaling")}
+    for key, section in sections.items():
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"{key}: expected an object or null, got {section!r}")
+    params = dict(sections["rope_parameters"] or {})
+    if sections["rope_scaling"]:
+        params.update(sections["rope_scaling"])
+    where = "rope_scaling." if sections["rope_scaling"] else "rope_parameters."
+    if "rope_theta" in params:
+        params["rope_theta"] = _float(params, "rope_theta", 10000.0, where=where)
+    else:  # DeepSeek's config.json keeps it at the top level
+        params["rope_theta"] = _float(raw, "rope_theta", 10000.0)
+    rope_type = params.pop("type", None) or params.get("rope_type")
+    if rope_type is None and params.get("factor") is not None:
+        raise ConfigError(f"{where}rope_type: missing, but a scaling factor is given (expected 'yarn' or no factor)")
+    params["rope_type"] = rope_type = rope_type or "default"
     if rope_type not in ("default", "yarn"):
-        key = "rope_scaling" if scaling else "rope_parameters"
-        raise ConfigError(f"{key}.rope_type: only 'default' and 'yarn' are implemented, got {rope_type!r}")
-    if rope_type == "yarn":
-        if "original_max_position_embeddings" not in params:
-            raise ConfigError("rope_scaling.original_max_position_embeddings: required for YaRN")
-        if params.get("factor") is None:
-            params["factor"] = raw["max_position_embeddings"] / params["original_max_position_embeddings"]
+        raise ConfigError(f"{where}rope_type: only 'default' and 'yarn' are implemented, got {rope_type!r}")
+    if rope_type != "yarn":
+        return params
+    original = params.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError(f"{where}original_max_position_embeddings: required for YaRN")
+    if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+        raise ConfigError(f"{where}original_max_position_embeddings: expected a positive int, got {original!r}")
+    if params.get("factor") is None:  # as transformers: the ratio of the context lengths
+        params["factor"] = _int(raw, "max_position_embeddings", 4096, minimum=1) / original
+    params["factor"] = _float(params, "factor", 1.0, where=where)
+    for key in ("beta_fast", "beta_slow", "attention_factor"):  # null: the default
+        if params.get(key) is not None:
+            params[key] = _float(params, key, 1.0, where=where)
+    for key in ("mscale", "mscale_all_dim"):  # 0 or null turns the correction off
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0):
+            raise ConfigError(f"{where}{key}: expected a number >= 0 or null, got {value!r}")
     return params
 
 

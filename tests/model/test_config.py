@@ -62,6 +62,25 @@ YARN = {
         ({"eos_token_id": 500}, "eos_token_id"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
         ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "original_max_position_embeddings"),
+        # Values of the wrong type or out of range: the key named, never a Python error.
+        ({"vocab_size": True}, "vocab_size"),
+        ({"n_routed_experts": "4"}, "n_routed_experts"),
+        ({"norm_topk_prob": "yes"}, "norm_topk_prob"),
+        ({"rms_norm_eps": "abc"}, "rms_norm_eps"),
+        ({"rms_norm_eps": -1}, "rms_norm_eps"),
+        ({"routed_scaling_factor": "x"}, "routed_scaling_factor"),
+        ({"routed_scaling_factor": 0}, "routed_scaling_factor"),
+        ({"rope_theta": 0}, "rope_theta"),
+        ({"eos_token_id": "abc"}, "eos_token_id"),
+        ({"eos_token_id": ["a"]}, "eos_token_id"),
+        ({"rope_scaling": "yarn"}, "rope_scaling"),
+        ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.rope_type"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_parameters.rope_theta"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_parameters.original_max_position_embeddings"),
+        ({"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 0}}, "original_max_position_embeddings"),
+        ({"rope_scaling": {"type": "yarn", **YARN, "factor": "four"}}, "rope_scaling.factor"),
+        ({"rope_scaling": {"type": "yarn", **YARN, "factor": -2}}, "rope_scaling.factor"),
+        ({"rope_scaling": {"type": "yarn", **YARN, "mscale_all_dim": "x"}}, "rope_scaling.mscale_all_dim"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else v,
 )
@@ -109,6 +128,17 @@ def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="cannot be read"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").rmdir()
     (tmp_path / "config.json").write_text(json.dumps(RAW))
     assert ModelConfig.from_file(tmp_path / "config.json").eos_token_id == (1,)
 
