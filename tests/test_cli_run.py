@@ -233,3 +233,36 @@ def test_prompt_text_is_tokenized_and_the_output_decoded(
 def test_a_prompt_that_encodes_to_nothing_is_an_error(text_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--model", str(text_model_dir), "--prompt", "   ", "-q"]) == 1
     assert "--prompt: prompt 0 ('   ') encodes to no tokens" in capsys.readouterr().err
+
+
+def test_the_loaders_log_lines_reach_stderr(text_model_dir: Path, tmp_path: Path) -> None:
+    """What the loader logs (here: a multi-token-prediction layer skipped) is shown unless -q."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = Path(shutil.copytree(text_model_dir, tmp_path / "model"))
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, str(model / "model.safetensors"))
+    proc = run("--model", str(model), "--prompt-ids", "1,2", "--max-new-tokens", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 tensors of 1 multi-token-prediction layer(s) (model.layers.2)" in proc.stderr
+    quiet = run("--model", str(model), "--prompt-ids", "1,2", "--max-new-tokens", "1", "-q")
+    assert quiet.returncode == 0 and "multi-token-prediction" not in quiet.stderr
+
+
+def test_a_tokenizer_that_cannot_encode_is_an_error(
+    text_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenizers import Tokenizer
+
+    def broken(self: object, text: str) -> object:
+        raise Exception("unknown token in the model")  # what tokenizers raises: a plain Exception
+
+    monkeypatch.setattr(Tokenizer, "encode", broken)
+    assert main(["run", "--model", str(text_model_dir), "--prompt", "the cat", "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "tokenizer.json cannot encode the prompt: unknown token in the model" in captured.err
+    assert captured.out == ""

@@ -11,7 +11,8 @@ samples from ``softmax(logits / temperature)`` restricted to the top-p nucleus, 
 ``torch.Generator`` seeded by ``seed``: the same seed, prompts and model give the same tokens.
 
 Every input is checked before any compute, so bad input raises :class:`GenerationError` and never
-leaves partial output behind.
+leaves partial output behind. A model whose logits hold NaN or inf (NaN weights, a broken scale) raises
+:class:`NonFiniteLogitsError` at that step instead of choosing tokens from them.
 
 The checks (:func:`check_prompts`, :func:`check_sampling`, :func:`check_eos`) and the token choice
 (:class:`Sampler`, :func:`greedy`) are public so that :class:`hal.serving.AutoBatcher`, which schedules
@@ -40,8 +41,10 @@ __all__ = [
     "GenerationError",
     "GenerationResult",
     "GenerativeModel",
+    "NonFiniteLogitsError",
     "Sampler",
     "check_eos",
+    "check_logits",
     "check_prompts",
     "check_sampling",
     "check_seed",
@@ -58,6 +61,24 @@ _PROGRESS_EVERY_S = 2.0
 
 class GenerationError(HALError, ValueError):
     """:func:`generate` was called with arguments it cannot run (the message names the argument)."""
+
+
+class NonFiniteLogitsError(HALError, RuntimeError):
+    """The model's logits hold NaN or inf: its weights or config are broken; no token is chosen from them."""
+
+
+def check_logits(logits: torch.Tensor, seqs: Sequence[int], what: str) -> torch.Tensor:
+    """``logits [b, vocab]`` (row ``i`` of sequence ``seqs[i]``) if every value is finite.
+
+    :raises NonFiniteLogitsError: naming ``what`` and the sequences whose rows are not.
+    """
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    bad = [seqs[i] for i in (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()]
+    raise NonFiniteLogitsError(
+        f"{what}: the model's logits hold NaN or inf (sequences {bad[:8]}{' …' if len(bad) > 8 else ''}); "
+        "its weights or config values are broken (NaN/inf weights or FP8 scales, a zero rope_theta, …)"
+    )
 
 
 class GenerativeModel(Protocol):
@@ -354,6 +375,7 @@ def generate(
     :raises GenerationError: an empty batch or prompt, an id outside the vocabulary, a prompt that with
         ``max_new_tokens`` outgrows ``max_position_embeddings``, ``max_new_tokens < 0``,
         ``temperature < 0``, ``top_p`` outside ``(0, 1]``, or a bad ``eos_token_ids`` / ``num_blocks``.
+    :raises NonFiniteLogitsError: the model's logits hold NaN or inf.
     """
     steps, temperature, top_p = check_sampling(max_new_tokens, temperature, top_p)
     cfg = model.cfg
@@ -379,7 +401,7 @@ def generate(
     log.log(level, "prefill: %d sequence(s), %d prompt tokens", batch, prefill_tokens)
     backend.synchronize()
     t0 = time.perf_counter()
-    logits = model.prefill(cache, seq_ids, ids)
+    logits = check_logits(model.prefill(cache, seq_ids, ids), seq_ids, "prefill")
     active: list[int] = []
     if steps > 0:
         active = _advance(sampler(logits), seq_ids, tokens, reasons, eos, steps, cache)
@@ -394,7 +416,7 @@ def generate(
     t0 = last_log = time.perf_counter()
     while active:
         last = [tokens[s][-1] for s in active]
-        logits = model.decode(cache, active, last)
+        logits = check_logits(model.decode(cache, active, last), active, f"decode step {len(tokens[active[0]])}")
         decode_tokens += len(active)
         active = _advance(sampler(logits), active, tokens, reasons, eos, steps, cache)
         if time.perf_counter() - last_log >= _PROGRESS_EVERY_S:

@@ -11,8 +11,9 @@ Checkpoint layouts: one ``model.safetensors``; shards listed by ``model.safetens
 
 FP8 (DeepSeek's format): a linear weight stored as float8 ``X.weight`` with a float32
 ``X.weight_scale_inv [ceil(N / 128), ceil(K / 128)]`` becomes an :class:`~hal.model.weights.Fp8Weight`,
-or a dequantized tensor when the backend has no FP8. Multi-token-prediction layers
-(``model.layers.{i}`` with ``i >= num_hidden_layers``) are skipped: HAL does not run MTP.
+or a dequantized tensor when the backend has no FP8. Multi-token-prediction layers (a
+``model.layers.{i}`` past ``num_hidden_layers`` that has MTP's ``eh_proj``) are skipped with a log
+line: HAL does not run MTP. Any other layer past ``num_hidden_layers`` is reported as unexpected.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ __all__ = [
     "save_fp8_checkpoint",
 ]
 
-log = logging.getLogger("hal")
+log = logging.getLogger(__name__)  # hal.model.loader: `hal run` shows hal.model's INFO lines
 
 #: Edge of the square tiles DeepSeek's FP8 checkpoints scale by (``weight_block_size`` [128, 128]).
 FP8_BLOCK = 128
@@ -96,6 +97,8 @@ def fp8_checkpoint_policy(caps: Capabilities, *, dequantize: bool = False) -> st
 _SCALE_SUFFIX = "_scale_inv"  # "X.weight" + this = "X.weight_scale_inv"
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+#: A key only a DeepSeek multi-token-prediction layer has (it joins the embedding and the hidden state).
+_MTP_KEY = re.compile(r"model\.layers\.(\d+)\.eh_proj\.weight$")
 _LIST_LIMIT = 20
 
 
@@ -175,6 +178,7 @@ def load_weights(
     expected = expected_shapes(cfg)
     if parallel is not None:
         parallel.check(cfg)  # before any file is opened
+    _check_fp8_blocks(root)
     files = _checkpoint_files(root)
 
     with ExitStack() as stack:
@@ -284,13 +288,12 @@ def load_model(
             f"{root}: quantize='int8' needs INT8 arithmetic, which backend {backend.name!r} ({caps.arch}) lacks"
         )
     policy = fp8_checkpoint_policy(caps, dequantize=dequantize_fp8)
+    if quantize == "int8":  # asked for INT8: an FP8 checkpoint's weights are converted too
+        policy = "int8"
     if policy != "fp8" and _has_fp8_weights(root):
-        log.info(
-            "%s: FP8 checkpoint on backend %r (no FP8 arithmetic): linear weights %s",
-            root,
-            backend.name,
-            "converted to W8A8 INT8" if policy == "int8" else f"dequantized to {_dtype_name(dtype)}",
-        )
+        why = "as asked" if quantize == "int8" else f"backend {backend.name!r} has no FP8 arithmetic"
+        becomes = "converted to W8A8 INT8" if policy == "int8" else f"dequantized to {_dtype_name(dtype)}"
+        log.info("%s: FP8 checkpoint, linear weights %s (%s)", root, becomes, why)
     weights = load_weights(
         root,
         cfg,
@@ -443,11 +446,15 @@ def _check_entries(
     present: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     scale_keys: list[str] = []
+    # A multi-token-prediction layer follows the model's layers and has MTP's own projection (eh_proj).
+    # Any other layer past the config's is unexpected: a config with too few layers (or a checkpoint
+    # with too many) must not run a truncated model.
+    mtp = {int(m.group(1)) for key in entries if (m := _MTP_KEY.match(key))} - set(range(cfg.num_hidden_layers))
     mtp_layers: set[int] = set()
     mtp_tensors = 0
     for key, entry in entries.items():
         m = _LAYER.match(key)
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        if m and int(m.group(1)) in mtp:
             mtp_layers.add(int(m.group(1)))
             mtp_tensors += 1
         elif key.endswith(".weight" + _SCALE_SUFFIX):
@@ -536,13 +543,30 @@ def _fp8(
     return Fp8Weight(q, s)
 
 
-def _has_fp8_weights(root: Path) -> bool:
-    """Whether ``config.json`` declares DeepSeek's FP8 quantization (what the log line is about)."""
+def _quantization_config(root: Path) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config`` (``{}`` when there is none or the file is unreadable:
+    the config itself is checked, with a clear error, by :meth:`ModelConfig.from_file`)."""
     try:
         raw = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return (raw.get("quantization_config") or {}).get("quant_method") == "fp8"
+        return {}
+    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return q if isinstance(q, dict) else {}
+
+
+def _has_fp8_weights(root: Path) -> bool:
+    """Whether ``config.json`` declares DeepSeek's FP8 quantization (what the log line is about)."""
+    return _quantization_config(root).get("quant_method") == "fp8"
+
+
+def _check_fp8_blocks(root: Path) -> None:
+    """An FP8 checkpoint must use DeepSeek's 128×128 scale blocks, the only ones HAL's FP8 GEMMs take."""
+    blocks = _quantization_config(root).get("weight_block_size") if _has_fp8_weights(root) else None
+    if blocks is not None and list(blocks) != [FP8_BLOCK, FP8_BLOCK]:
+        raise ModelLoadError(
+            f"{root / 'config.json'}: quantization_config.weight_block_size: only [{FP8_BLOCK}, {FP8_BLOCK}] "
+            f"(DeepSeek's FP8 format) is supported, got {blocks!r}"
+        )
 
 
 def _to_fp8_format(q: torch.Tensor, s: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

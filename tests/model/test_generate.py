@@ -20,7 +20,7 @@ from hal.errors import HALError
 from hal.kvcache import PagedKVCache
 from hal.model import tiny_config
 from hal.model.config import ModelConfig
-from hal.model.generate import GenerationError, generate
+from hal.model.generate import GenerationError, NonFiniteLogitsError, generate
 
 LogitsFn = Callable[[int], torch.Tensor]
 
@@ -160,6 +160,22 @@ def test_default_cache_fits_every_prompt_plus_new_tokens_in_64_token_blocks(cpu:
 def test_too_few_blocks_raises_the_cache_error(cpu: hal.Backend) -> None:
     with pytest.raises(hal.errors.KVCacheExhaustedError):
         generate(FakeModel(cpu), [[1] * 60, [2] * 60], max_new_tokens=2, num_blocks=1)
+
+
+def test_non_finite_logits_stop_generation_with_the_step_and_sequence_named(cpu: hal.Backend) -> None:
+    """NaN weights give NaN logits, whose argmax would be a token like any other: generation stops there."""
+
+    def nan_after(bad: int) -> LogitsFn:
+        def fn(last: int) -> torch.Tensor:
+            logits = next_token(16)(last)
+            return logits * math.nan if last == bad else logits
+
+        return fn
+
+    with pytest.raises(NonFiniteLogitsError, match=r"decode step 2: .*NaN or inf \(sequences \[1\]\)"):
+        generate(FakeModel(cpu, logits_fn=nan_after(6)), [[1], [4]], max_new_tokens=5)  # 4 -> 5 -> 6 -> NaN
+    with pytest.raises(NonFiniteLogitsError, match=r"prefill: .*\(sequences \[0\]\)"):
+        generate(FakeModel(cpu, logits_fn=nan_after(3)), [[3], [1]], max_new_tokens=5, temperature=1.0)
 
 
 def test_greedy_ties_go_to_the_lowest_id(cpu: hal.Backend) -> None:

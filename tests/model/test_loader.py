@@ -193,6 +193,24 @@ def test_mtp_layers_are_skipped_with_one_log_line(
     assert "skipped 4 tensors of 1 multi-token-prediction layer" in lines[0]
 
 
+def test_layers_past_the_config_are_unexpected_unless_mtp(hf_dirs: dict[str, Any], single_copy: Path) -> None:
+    """A config with fewer layers than the checkpoint must not run a truncated model: a later layer is
+    skipped only as a multi-token-prediction layer, which has MTP's ``eh_proj``."""
+    cfg = hf_dirs["cfg"]
+    extra = f"model.layers.{cfg.num_hidden_layers}.input_layernorm.weight"
+    far = f"model.layers.{cfg.num_hidden_layers + 5}.garbage"
+    _rewrite(single_copy / "model.safetensors", {extra: torch.ones(64), far: torch.ones(3)})
+    with pytest.raises(ModelLoadError, match="2 unexpected") as err:
+        load_weights(single_copy, cfg, progress=False)
+    assert extra in str(err.value) and far in str(err.value)
+    # A truncated config: the checkpoint's last real layer is unexpected, listed by name.
+    _rewrite(single_copy / "model.safetensors", {extra: None, far: None})
+    short = dataclasses.replace(cfg, num_hidden_layers=cfg.num_hidden_layers - 1)
+    with pytest.raises(ModelLoadError, match="unexpected") as err:
+        load_weights(single_copy, short, progress=False)
+    assert f"model.layers.{short.num_hidden_layers}." in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Broken checkpoints
 # ---------------------------------------------------------------------------------------------------
@@ -371,6 +389,15 @@ def test_fp8_weight_without_scale(fp8_setup: dict[str, Any], tmp_path: Path) -> 
     assert name + "_scale_inv" in str(info.value)
 
 
+def test_fp8_blocks_other_than_128_are_named(fp8_setup: dict[str, Any], tmp_path: Path) -> None:
+    d = Path(shutil.copytree(fp8_setup["fp8"], tmp_path / "m"))
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [64, 64]
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"quantization_config\.weight_block_size: only \[128, 128\]"):
+        load_weights(d, fp8_setup["cfg"], progress=False)
+
+
 def test_fp8_scale_of_wrong_shape(fp8_setup: dict[str, Any], tmp_path: Path) -> None:
     d = Path(shutil.copytree(fp8_setup["fp8"], tmp_path / "m"))
     key = "model.layers.0.mlp.down_proj.weight_scale_inv"  # [256, 384] -> [2, 3]
@@ -443,3 +470,6 @@ def test_load_model_builds_model(hf_dirs: dict[str, Any], fp8_setup: dict[str, A
     assert kinds == [{Fp8Weight}, {Int8Weight}, {torch.Tensor}]
     assert fp8_model.linear_weight_bytes < plain_model.linear_weight_bytes
     assert int8_model.linear_weight_bytes < plain_model.linear_weight_bytes
+    # INT8 asked for on an FP8 backend: the FP8 checkpoint's weights are converted, not kept FP8.
+    asked = load_model(fp8_setup["fp8"], cpu, quantize="int8", progress=False)
+    assert {type(layer.attn.kv_a) for layer in asked.layers} == {Int8Weight}
