@@ -485,7 +485,10 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
         prompts = parse_prompt_ids(args.prompt_ids)
     elif args.prompt is not None:
         tokenizer = _tokenizer(args.model)
-        prompts = [tokenizer.encode(text).ids for text in args.prompt]
+        try:
+            prompts = [tokenizer.encode(text).ids for text in args.prompt]
+        except Exception as exc:  # tokenizers raises plain Exceptions
+            raise RunError(f"--prompt: {args.model}/tokenizer.json cannot encode the prompt: {exc}") from None
         for i, p in enumerate(prompts):
             if not p:
                 raise RunError(f"--prompt: prompt {i} ({args.prompt[i]!r}) encodes to no tokens")
@@ -496,8 +499,18 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
         bind_local_device()  # build the backend on this rank's device, not device 0
     backend = hal.get_backend(args.backend)
     _check_quantize(args, backend)
+    size = world if world > 1 else max(args.tp, args.ep)  # one process: the world --tp/--ep ask for
+    if world > 1 or (size > 1 and {args.tp, args.ep} <= {1, size}):
+        # In one process too (when --tp/--ep name a world size): a layout the config cannot take is
+        # refused before "launch with torchrun" is suggested.
+        _check_layout(args, backend, size, prompts)
     if world > 1:
-        _check_layout(args, backend, world, prompts)
+        from hal.distributed import configured_timeout
+
+        try:
+            configured_timeout()  # the same on every rank: refused once, by rank 0, before the rendezvous
+        except HALError as exc:
+            raise RunError(str(exc)) from None
     return backend, prompts, tokenizer
 
 
@@ -712,7 +725,10 @@ def _non_negative_int(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value

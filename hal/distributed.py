@@ -50,6 +50,7 @@ __all__ = [
     "DistInfo",
     "bind_local_device",
     "collective_guard",
+    "configured_timeout",
     "info",
     "init",
     "shutdown",
@@ -109,6 +110,14 @@ def _resolve_timeout(timeout_s: float | None) -> float:
     if not (0 < timeout_s < float("inf")):
         raise OpInputError("distributed.init", arg, f"expected a positive number of seconds, got {timeout_s!r}")
     return float(timeout_s)
+
+
+def configured_timeout() -> float:
+    """The timeout :func:`init` uses without an argument: ``HAL_DIST_TIMEOUT``, else the default.
+
+    :raises hal.errors.OpInputError: the variable is not a positive, finite number of seconds.
+    """
+    return _resolve_timeout(None)
 
 
 def _read_env() -> tuple[int, int, int]:
@@ -255,7 +264,8 @@ def shutdown() -> None:
 
 
 def _where(group: Any) -> str:
-    """``rank R of W`` for the current process in ``group``, or ``rank ?`` when no group is up."""
+    """``rank R of W`` for the current process in ``group``; before a group is up, torchrun's ``RANK`` and
+    ``WORLD_SIZE`` (``?`` where unset)."""
     try:
         if dist.is_available() and dist.is_initialized():
             return f"rank {dist.get_rank(group)} of {dist.get_world_size(group)}"
@@ -263,7 +273,8 @@ def _where(group: Any) -> str:
         pass
     if _info is not None:
         return f"rank {_info.rank} of {_info.world_size}"
-    return "rank ? of ?"
+    rank, world = os.environ.get("RANK", "?").strip(), os.environ.get("WORLD_SIZE", "?").strip()
+    return f"rank {rank} of {world}"  # before the group is up (the rendezvous): torchrun's view
 
 
 @contextmanager

@@ -139,7 +139,9 @@ def test_timeout_from_argument_environment_or_default(monkeypatch: pytest.Monkey
         hd._resolve_timeout(0)
 
 
-def test_guard_names_the_collective_and_chains() -> None:
+def test_guard_names_the_collective_and_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     original = RuntimeError("Connection reset by peer\nmore detail")
     with pytest.raises(CollectiveError, match=r"^all_gather: rank \? of \?: Connection reset by peer; ") as err:
         with hd.collective_guard("all_gather", timeout_s=9):
@@ -157,6 +159,12 @@ def test_guard_names_the_collective_and_chains() -> None:
 
     with pytest.raises(CollectiveError, match=r"^broadcast: .*late"):
         stalls()
+    # Before the group is up (a stalled rendezvous), the rank is torchrun's.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(CollectiveError, match=r"^init_process_group: rank 1 of 4: "):
+        with hd.collective_guard("init_process_group", timeout_s=1):
+            raise RuntimeError("wait timeout after 1000ms")
 
 
 @pytest.mark.distributed

@@ -215,6 +215,26 @@ def test_hal_run_tp_without_torchrun_is_a_clear_error(
     assert out == ""
     assert "hal run: error: --tp 2 --ep 2 runs on 2 processes started by torchrun" in err
     assert "torchrun --nproc-per-node 2 -m hal.cli run --tp 2 --ep 2" in err
+    # A layout the config cannot take is refused first (the tiny model has 4 heads), then bad values.
+    assert main(["run", "--tp", "3"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "hal run: error: " in err and "num_attention_heads" in err and "torchrun" not in err
+    with pytest.raises(SystemExit):
+        main(["run", "--tp", "abc"])
+    assert "argument --tp: expected a positive int, got 'abc'" in capsys.readouterr().err
+
+
+def test_a_bad_timeout_under_torchrun_is_refused_once_before_the_rendezvous(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("HAL_DIST_TIMEOUT", "abc")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["run", "--tp", "2", "--json", "-q"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("HAL_DIST_TIMEOUT") == 1  # rank 0 alone says it
+    assert err.startswith("hal run: error: rank 0/2: ") and "expected a number of seconds, got 'abc'" in err
 
 
 def _write_checkpoint(tmp_path: Path, raw: dict[str, object], weights: dict[str, torch.Tensor]) -> Path:
