@@ -100,7 +100,7 @@ class ModelConfig:
         """Build from a ``config.json`` dict (DeepSeek's or transformers'), rejecting what the model
         does not implement, and every value of the wrong type or out of range, with the key named."""
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"config.json: expected a JSON object, got {type(raw).__name__}")
+            raise ConfigError(f"config.json: expected a JSON object, got {_JSON_TYPES.get(type(raw), 'null')}")
 
         def get(key: str, default: Any = None) -> Any:
             return raw.get(key, default)
@@ -110,15 +110,16 @@ class ModelConfig:
             raise ConfigError(f"model_type: expected 'deepseek_v3' or 'deepseek_v2', got {model_type!r}")
         if get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act: only 'silu' is implemented, got {get('hidden_act')!r}")
-        if get("attention_bias", False):
+        if _bool(raw, "attention_bias", False):
             raise ConfigError("attention_bias: true is not implemented (DeepSeek models have no attention bias)")
-        heads, kv_heads = get("num_attention_heads"), get("num_key_value_heads")
-        if kv_heads is not None and heads is not None and kv_heads != heads:
+        heads = _int(raw, "num_attention_heads", None, minimum=1)  # required
+        kv_heads = _int(raw, "num_key_value_heads", heads, minimum=1, null=heads)
+        if kv_heads != heads:
             raise ConfigError(
                 f"num_key_value_heads: MLA needs it equal to num_attention_heads ({heads}), got {kv_heads}"
             )
-        if get("ep_size", 1) not in (1, None):
-            raise ConfigError(f"ep_size: expert parallelism is configured at run time, got {get('ep_size')!r}")
+        if _int(raw, "ep_size", 1, minimum=1, null=1) != 1:
+            raise ConfigError(f"ep_size: expert parallelism is configured at run time, got {get('ep_size')}")
         scoring = get("scoring_func", "sigmoid")
         if scoring not in ("sigmoid", "softmax"):
             raise ConfigError(f"scoring_func: expected 'sigmoid' or 'softmax', got {scoring!r}")
@@ -142,7 +143,7 @@ class ModelConfig:
             n_group=_int(raw, "n_group", 1, minimum=1, null=1),
             topk_group=_int(raw, "topk_group", 1, minimum=1, null=1),
             norm_topk_prob=_bool(raw, "norm_topk_prob", False),
-            routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0, null=1.0),
+            routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0),
             scoring_func=scoring,
             topk_method=topk_method,
             q_lora_rank=_int(raw, "q_lora_rank", None, minimum=1, null=None),
@@ -170,12 +171,12 @@ class ModelConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face model directory?)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got a JSON {type(raw).__name__}")
+            raise ConfigError(f"{path}: expected a JSON object, got {_JSON_TYPES.get(type(raw), 'null')}")
         return cls.from_dict(raw)
 
     def check(self) -> None:
@@ -207,6 +208,15 @@ class ModelConfig:
 
 
 _MISSING = object()
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _shown(value: Any) -> str:
+    """``value`` as config.json writes it (``true``, ``null``, ``"abc"``), for error messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _int(raw: Mapping[str, Any], key: str, default: Any, *, minimum: int = 0, null: Any = _MISSING) -> Any:
@@ -217,28 +227,27 @@ def _int(raw: Mapping[str, Any], key: str, default: Any, *, minimum: int = 0, nu
         return null
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ConfigError(f"{key}: expected {what}{' or null' if null is not _MISSING else ''}, got {value!r}")
+        raise ConfigError(f"{key}: expected {what}{' or null' if null is not _MISSING else ''}, got {_shown(value)}")
     return value
 
 
 def _float(
-    raw: Mapping[str, Any], key: str, default: float, *, null: Any = _MISSING, zero: bool = False, where: str = ""
+    raw: Mapping[str, Any], key: str, default: float, *, above: float = 0.0, zero: bool = False, where: str = ""
 ) -> float:
-    """``raw[key]`` (``default`` when absent), a finite number > 0 (``>= 0`` with ``zero``); ``where``
-    prefixes the key's section in the error."""
+    """``raw[key]`` (``default`` when absent), a finite number ``> above`` (``>= 0`` with ``zero``);
+    ``where`` prefixes the key's section in the error."""
     value = raw.get(key, default)
-    if value is None and null is not _MISSING:
-        return float(null)
     number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not number or value < 0 or (value == 0 and not zero):
-        raise ConfigError(f"{where}{key}: expected a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    if not number or not (value > above or (zero and value == 0)):
+        bound = ">= 0" if zero else f"> {above:g}"
+        raise ConfigError(f"{where}{key}: expected a finite number {bound}, got {_shown(value)}")
     return float(value)
 
 
-def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+def _bool(raw: Mapping[str, Any], key: str, default: bool, *, where: str = "") -> bool:
     value = raw.get(key, default)
     if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}{key}: expected true or false, got {_shown(value)}")
     return value
 
 
@@ -247,7 +256,7 @@ def _token_ids(raw: Mapping[str, Any], key: str) -> tuple[int, ...]:
     value = raw.get(key)
     ids = [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
-        raise ConfigError(f"{key}: expected null, a token id or a list of token ids, got {value!r}")
+        raise ConfigError(f"{key}: expected null, a token id or a list of token ids, got {_shown(value)}")
     return tuple(ids)
 
 
@@ -262,15 +271,16 @@ def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
     sections = {key: raw.get(key) for key in ("rope_parameters", "rope_scaling")}
     for key, section in sections.items():
         if section is not None and not isinstance(section, Mapping):
-            raise ConfigError(f"{key}: expected an object or null, got {section!r}")
+            raise ConfigError(f"{key}: expected an object or null, got {_shown(section)}")
     params = dict(sections["rope_parameters"] or {})
     if sections["rope_scaling"]:
         params.update(sections["rope_scaling"])
     where = "rope_scaling." if sections["rope_scaling"] else "rope_parameters."
+    # The base must exceed 1: the frequencies are base ** -(2i / d) and YaRN divides by log(base).
     if "rope_theta" in params:
-        params["rope_theta"] = _float(params, "rope_theta", 10000.0, where=where)
+        params["rope_theta"] = _float(params, "rope_theta", 10000.0, above=1.0, where=where)
     else:  # DeepSeek's config.json keeps it at the top level
-        params["rope_theta"] = _float(raw, "rope_theta", 10000.0)
+        params["rope_theta"] = _float(raw, "rope_theta", 10000.0, above=1.0)
     rope_type = params.pop("type", None) or params.get("rope_type")
     if rope_type is None and params.get("factor") is not None:
         raise ConfigError(f"{where}rope_type: missing, but a scaling factor is given (expected 'yarn' or no factor)")
@@ -283,7 +293,7 @@ def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
     if original is None:
         raise ConfigError(f"{where}original_max_position_embeddings: required for YaRN")
     if not isinstance(original, int) or isinstance(original, bool) or original < 1:
-        raise ConfigError(f"{where}original_max_position_embeddings: expected a positive int, got {original!r}")
+        raise ConfigError(f"{where}original_max_position_embeddings: expected a positive int, got {_shown(original)}")
     if params.get("factor") is None:  # as transformers: the ratio of the context lengths
         params["factor"] = _int(raw, "max_position_embeddings", 4096, minimum=1) / original
     params["factor"] = _float(params, "factor", 1.0, where=where)
@@ -291,9 +301,10 @@ def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
         if params.get(key) is not None:
             params[key] = _float(params, key, 1.0, where=where)
     for key in ("mscale", "mscale_all_dim"):  # 0 or null turns the correction off
-        value = params.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0):
-            raise ConfigError(f"{where}{key}: expected a number >= 0 or null, got {value!r}")
+        if params.get(key) is not None:
+            params[key] = _float(params, key, 0.0, zero=True, where=where)
+    if "truncate" in params:
+        _bool(params, "truncate", True, where=where)
     return params
 
 

@@ -40,6 +40,10 @@ from hal.ops.catalogue import BLOCK
 __all__ = ["DeepseekModel", "ModelError"]
 
 
+#: Rows of the rotary table a model starts with; it doubles when a position passes its end.
+ROPE_ROWS = 4096
+
+
 class ModelError(HALError, ValueError):
     """The model cannot be built from these weights, or was called with input it cannot take."""
 
@@ -140,7 +144,9 @@ class DeepseekModel:
             self.lm_head = self._dense("lm_head.weight")
         self.layers = [self._layer(i) for i in range(cfg.num_hidden_layers)]
         del self._w  # the containers above hold what is needed; drop the checkpoint-named view
-        self.cos_sin = cos_sin_cache(cfg, device=self.device)
+        # The rotary table covers the positions seen so far (grown on demand, up to max_position_embeddings),
+        # not the whole context a config may declare (10^6 positions and more).
+        self._cos_sin = cos_sin_cache(cfg, max_position=min(cfg.max_position_embeddings, ROPE_ROWS), device=self.device)
         self.softmax_scale = cfg.softmax_scale
 
     # -- building -----------------------------------------------------------------------------
@@ -289,6 +295,7 @@ class DeepseekModel:
         positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
         slot = torch.cat(slots).to(dev)
+        self._rope_table(max(lengths) - 1)
         h = self.embed[ids]
         for i, layer in enumerate(self.layers):
             x = self.backend.rms_norm(h, layer.input_norm, eps=self.cfg.rms_norm_eps)
@@ -335,6 +342,7 @@ class DeepseekModel:
         positions = torch.tensor(positions_list, dtype=torch.int64, device=dev)
         block_table = cache.block_table(seq_ids).to(dev)
         seqlens = cache.seqlens(seq_ids).to(dev)
+        self._rope_table(max(positions_list))
         h = self.embed[torch.tensor(token_list, dtype=torch.int64, device=dev)]
         for i, layer in enumerate(self.layers):
             x = self.backend.rms_norm(h, layer.input_norm, eps=self.cfg.rms_norm_eps)
@@ -358,6 +366,15 @@ class DeepseekModel:
         return total
 
     # -- pieces -------------------------------------------------------------------------------
+
+    def _rope_table(self, last_position: int) -> torch.Tensor:
+        """The cos/sin table (:func:`~hal.model.rope.cos_sin_cache`) through ``last_position`` at least:
+        doubled when a position passes its end (the rows are the same at every length)."""
+        have = self._cos_sin.shape[0]
+        if last_position >= have:
+            rows = min(self.cfg.max_position_embeddings, max(2 * have, last_position + 1))
+            self._cos_sin = cos_sin_cache(self.cfg, max_position=rows, device=self.device)
+        return self._cos_sin
 
     def _check_ids(self, ids: Sequence[int], what: str) -> None:
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size]
@@ -414,13 +431,14 @@ class DeepseekModel:
             q = self._gemm(be.rms_norm(self._gemm(x, a.q_a), a.q_a_norm, eps=cfg.rms_norm_eps), a.q_b)
         q = q.view(x.shape[0], self.heads, cfg.qk_head_dim)
         q_nope = q[..., : cfg.qk_nope_head_dim]
+        cos_sin = self._cos_sin  # grown to these positions by prefill() / decode()
         q_pe = be.rotary(
-            q[..., cfg.qk_nope_head_dim :].contiguous(), positions, self.cos_sin, interleaved=cfg.rope_interleave
+            q[..., cfg.qk_nope_head_dim :].contiguous(), positions, cos_sin, interleaved=cfg.rope_interleave
         )
         kv = self._gemm(x, a.kv_a)
         c_kv = be.rms_norm(kv[:, : cfg.kv_lora_rank].contiguous(), a.kv_a_norm, eps=cfg.rms_norm_eps)
         k_pe = be.rotary(
-            kv[:, cfg.kv_lora_rank :].contiguous(), positions, self.cos_sin, interleaved=cfg.rope_interleave
+            kv[:, cfg.kv_lora_rank :].contiguous(), positions, cos_sin, interleaved=cfg.rope_interleave
         )
         return q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1)
 

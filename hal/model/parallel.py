@@ -137,6 +137,11 @@ class ParallelConfig:
         """
         if world_size < 1:
             raise ParallelError(f"world size must be positive, got {world_size}")
+        if tp > 1 and ep > 1 and tp != ep:
+            raise ParallelError(
+                f"--tp {tp} --ep {ep}: each is 1 or the world size, so two above 1 must be equal; "
+                f"give --tp {tp} --ep {tp}, --tp {ep} --ep {ep}, or one of them alone"
+            )
         for name, value in (("tp", tp), ("ep", ep)):
             if value not in (1, world_size):
                 raise ParallelError(
@@ -414,6 +419,7 @@ def init_parallel(tp: int, ep: int, backend: Backend, *, timeout_s: float | None
         if tp == ep == 1:
             return None
         n = max(tp, ep)
+        ParallelConfig.create(tp, ep, rank=0, world_size=n)  # a combination no launch can run is said first
         raise ParallelError(
             f"--tp {tp} --ep {ep} runs on {n} processes started by torchrun, and torchrun's environment "
             f"(WORLD_SIZE, RANK, ...) is not set: launch with torchrun --nproc-per-node {n} -m hal.cli run "

@@ -81,6 +81,13 @@ YARN = {
         ({"rope_scaling": {"type": "yarn", **YARN, "factor": "four"}}, "rope_scaling.factor"),
         ({"rope_scaling": {"type": "yarn", **YARN, "factor": -2}}, "rope_scaling.factor"),
         ({"rope_scaling": {"type": "yarn", **YARN, "mscale_all_dim": "x"}}, "rope_scaling.mscale_all_dim"),
+        ({"rope_scaling": {"type": "yarn", **YARN, "truncate": "no"}}, "rope_scaling.truncate"),
+        ({"rope_theta": 1}, "rope_theta: expected a finite number > 1"),  # YaRN divides by log(base)
+        ({"attention_bias": "false"}, "attention_bias: expected true or false"),
+        ({"num_key_value_heads": "4"}, "num_key_value_heads"),
+        ({"ep_size": True}, "ep_size"),
+        ({"routed_scaling_factor": None}, "routed_scaling_factor: expected a finite number > 0, got null"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob: expected true or false, got 1"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else v,
 )
@@ -133,6 +140,12 @@ def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
         ModelConfig.from_file(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("null")
+    with pytest.raises(ConfigError, match="expected a JSON object, got null"):
+        ModelConfig.from_file(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # deeper than the parser recurses
+    with pytest.raises(ConfigError, match="not valid JSON"):
         ModelConfig.from_file(tmp_path / "config.json")
     (tmp_path / "config.json").unlink()
     (tmp_path / "config.json").mkdir()

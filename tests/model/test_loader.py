@@ -392,10 +392,11 @@ def test_fp8_weight_without_scale(fp8_setup: dict[str, Any], tmp_path: Path) -> 
 def test_fp8_blocks_other_than_128_are_named(fp8_setup: dict[str, Any], tmp_path: Path) -> None:
     d = Path(shutil.copytree(fp8_setup["fp8"], tmp_path / "m"))
     config = json.loads((d / "config.json").read_text())
-    config["quantization_config"]["weight_block_size"] = [64, 64]
-    (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"quantization_config\.weight_block_size: only \[128, 128\]"):
-        load_weights(d, fp8_setup["cfg"], progress=False)
+    for blocks in ([64, 64], 128):
+        config["quantization_config"]["weight_block_size"] = blocks
+        (d / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ModelLoadError, match=r"quantization_config\.weight_block_size: only \[128, 128\]"):
+            load_weights(d, fp8_setup["cfg"], progress=False)
 
 
 def test_fp8_scale_of_wrong_shape(fp8_setup: dict[str, Any], tmp_path: Path) -> None:

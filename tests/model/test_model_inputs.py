@@ -75,3 +75,28 @@ def test_decode_cache_full_changes_nothing(model: DeepseekModel) -> None:
 def test_unsupported_dtype(model: DeepseekModel) -> None:
     with pytest.raises(ModelError, match="dtype"):
         DeepseekModel(model.cfg, model.backend, random_state_dict(model.cfg), dtype=torch.float64)
+
+
+def test_the_rotary_table_grows_with_the_positions_and_gives_the_same_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table starts small (a config may declare 10^6+ positions) and doubles on demand; a model
+    whose table had to grow several times computes exactly what one with the table in place does."""
+    from hal.model import deepseek
+    from hal.model.generate import generate
+    from hal.model.rope import cos_sin_cache
+
+    cfg = tiny_config(max_position_embeddings=10**9)  # a whole table would be 10^9 rows
+    weights = random_state_dict(cfg, seed=5)
+    cpu = hal.get_backend("cpu")
+    whole = DeepseekModel(cfg, cpu, weights)
+    assert whole._cos_sin.shape[0] == deepseek.ROPE_ROWS
+    monkeypatch.setattr(deepseek, "ROPE_ROWS", 4)
+    growing = DeepseekModel(cfg, cpu, weights)
+    assert growing._cos_sin.shape[0] == 4
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    want = generate(whole, prompts, max_new_tokens=12)
+    got = generate(growing, prompts, max_new_tokens=12)
+    assert got.tokens == want.tokens
+    assert growing._cos_sin.shape[0] == 32  # 4 -> 8 (prefill, last position 5) -> 16 -> 32 (position 16)
+    assert torch.equal(growing._cos_sin, cos_sin_cache(cfg, max_position=32))
+    capped = DeepseekModel(tiny_config(max_position_embeddings=6), cpu, random_state_dict(tiny_config(), seed=5))
+    assert capped._rope_table(5).shape[0] == 6  # never past max_position_embeddings

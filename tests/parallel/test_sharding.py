@@ -222,6 +222,13 @@ def test_hal_run_tp_without_torchrun_is_a_clear_error(
     with pytest.raises(SystemExit):
         main(["run", "--tp", "abc"])
     assert "argument --tp: expected a positive int, got 'abc'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--max-new-tokens", "abc"])
+    assert "argument --max-new-tokens: expected an int >= 0, got 'abc'" in capsys.readouterr().err
+    # A combination no world size can run is refused as such, not with a torchrun command line.
+    assert main(["run", "--tp", "2", "--ep", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "--tp 2 --ep 3: each is 1 or the world size, so two above 1 must be equal" in err
 
 
 def test_a_bad_timeout_under_torchrun_is_refused_once_before_the_rendezvous(
