@@ -77,7 +77,7 @@ def check_logits(logits: torch.Tensor, seqs: Sequence[int], what: str) -> torch.
     bad = [seqs[i] for i in (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()]
     raise NonFiniteLogitsError(
         f"{what}: the model's logits hold NaN or inf (sequences {bad[:8]}{' …' if len(bad) > 8 else ''}); "
-        "its weights or config values are broken (NaN/inf weights or FP8 scales, a zero rope_theta, …)"
+        "its weights or config values are broken (NaN or inf weights or FP8 scales, values that overflow, …)"
     )
 
 
