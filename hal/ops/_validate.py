@@ -7,6 +7,7 @@ synchronize an accelerator), only ranks, sizes, dtypes and devices.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 
@@ -85,26 +86,43 @@ def cdiv(a: int, b: int) -> int:
 # and DeepGEMM do.
 
 
+#: Host tensors of up to this many values are checked as Python lists (a microsecond or two); larger ones
+#: by torch reductions, which cost ~10 us each on a CPU but scale.
+SMALL = 256
+
+
 def on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
+
+
+def ints_in(op: str, name: str, values: Sequence[int], lo: int, hi: int, what: str) -> None:
+    """Every one of ``values`` (host ints) in ``[lo, hi)``."""
+    if values:
+        low, high = min(values), max(values)
+        if low < lo or high >= hi:
+            raise LayoutError(op, name, f"values must lie in [{lo}, {hi}) ({what}), found {low if low < lo else high}")
 
 
 def values_in(op: str, name: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
     """Every value of ``t`` in ``[lo, hi)`` (host tensors only)."""
     if t.numel() == 0 or not on_host(t):
         return
+    if t.numel() <= SMALL:
+        ints_in(op, name, t.reshape(-1).tolist(), lo, hi, what)
+        return
     low_t, high_t = torch.aminmax(t)  # one pass, not two
-    low, high = int(low_t), int(high_t)
-    if low < lo or high >= hi:
-        bad = low if low < lo else high
-        raise LayoutError(op, name, f"values must lie in [{lo}, {hi}) ({what}), found {bad}")
+    ints_in(op, name, (int(low_t), int(high_t)), lo, hi, what)
 
 
 def cumulative(op: str, name: str, t: torch.Tensor, total: int, exact: bool, what: str) -> None:
     """``t`` starts at 0, never decreases, and ends at ``total`` (``exact``) or at most ``total``."""
     if not on_host(t):
         return
-    first, last = int(t[0]), int(t[-1])
-    if first != 0 or (t[1:] < t[:-1]).any() or (last != total if exact else last > total):
+    if t.numel() <= SMALL:
+        v = t.tolist()
+        first, last, decreasing = v[0], v[-1], any(b < a for a, b in pairwise(v))
+    else:
+        first, last, decreasing = int(t[0]), int(t[-1]), bool((t[1:] < t[:-1]).any())
+    if first != 0 or decreasing or (last != total if exact else last > total):
         end = f"end at {total}" if exact else f"end at most at {total}"
         raise LayoutError(op, name, f"must start at 0, never decrease and {end} ({what}); got {t.tolist()[:16]}")

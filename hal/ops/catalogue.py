@@ -548,8 +548,14 @@ def mla_decode(
         _v.values_in(
             op, "cache_seqlens", cache_seqlens, 0, capacity + 1, f"at most {capacity} tokens fit the block table"
         )
-        used = torch.arange(block_table.shape[1]) < ((cache_seqlens.long() + block_size - 1) // block_size)[:, None]
-        _v.values_in(op, "block_table", block_table[used], 0, kv_cache.shape[0], "block ids of kv_cache")
+        ids = "block ids of kv_cache"
+        if block_table.numel() <= _v.SMALL:  # the used entries of each row, as Python ints
+            rows, lens = block_table.tolist(), cache_seqlens.tolist()
+            used_ids = [x for row, n in zip(rows, lens, strict=True) for x in row[: _v.cdiv(n, block_size)]]
+            _v.ints_in(op, "block_table", used_ids, 0, kv_cache.shape[0], ids)
+        else:
+            used = torch.arange(block_table.shape[1]) < ((cache_seqlens.long() + block_size - 1) // block_size)[:, None]
+            _v.values_in(op, "block_table", block_table[used], 0, kv_cache.shape[0], ids)
     return _impl(
         q, kv_cache, block_table, cache_seqlens, head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal
     )

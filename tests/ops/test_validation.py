@@ -419,3 +419,38 @@ def test_calling_a_contract_directly_says_how_to_call_the_op() -> None:
 
     with pytest.raises(TypeError, match="through a backend"):
         gemm(r(2, 3), r(4, 3))
+
+
+def test_index_checks_agree_on_small_and_large_host_tensors() -> None:
+    """Host index tensors of up to ``SMALL`` values are checked as Python lists, larger ones by torch
+    reductions: both reject the same bad value with the same message."""
+    from hal.ops import _validate as v
+
+    for n in (v.SMALL, v.SMALL + 1):
+        good = torch.arange(n)
+        v.values_in("op", "ids", good, 0, n, "ids")
+        v.cumulative("op", "offsets", good, n - 1, True, "offsets")
+        for bad, found in ((-1, "found -1"), (n, f"found {n}")):
+            t = good.clone()
+            t[n // 2] = bad
+            with pytest.raises(LayoutError, match=rf"op: ids: values must lie in \[0, {n}\) \(ids\), {found}"):
+                v.values_in("op", "ids", t, 0, n, "ids")
+        dip = good.clone()
+        dip[n // 2] = 0
+        with pytest.raises(LayoutError, match="never decrease"):
+            v.cumulative("op", "offsets", dip, n - 1, True, "offsets")
+        with pytest.raises(LayoutError, match=f"end at {n}"):
+            v.cumulative("op", "offsets", good, n, True, "offsets")
+
+
+@pytest.mark.parametrize("rows", [1, 300], ids=["list-check", "tensor-check"])
+def test_mla_decode_checks_the_used_block_ids_at_any_table_size(rows: int) -> None:
+    be = hal.get_backend("cpu")
+    q, cache = torch.randn(rows, 1, 2, 16), torch.randn(4, 64, 1, 16)
+    table = torch.full((rows, 2), 3, dtype=torch.int32)
+    table[:, 1] = 99  # past each sequence's length: never read, never checked
+    seqlens = torch.full((rows,), 64, dtype=torch.int32)
+    be.mla_decode(q, cache, table, seqlens, head_dim_v=8)
+    table[rows - 1, 0] = 4  # a used entry past the cache's 4 blocks
+    with pytest.raises(LayoutError, match=r"mla_decode: block_table: values must lie in \[0, 4\).*found 4"):
+        be.mla_decode(q, cache, table, seqlens, head_dim_v=8)

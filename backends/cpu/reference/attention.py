@@ -1,8 +1,8 @@
 """Reference attention: absorbed MLA decode over the paged latent cache, and varlen prefill.
 
 Both compute scores and softmax in fp32 and return q's dtype. ``mla_decode`` gathers every
-sequence's pages into one zero-padded batch and masks it (decode runs once per token, so it must not
-loop in Python); ``attention_prefill`` loops over sequences, the plainest statement of the
+sequence's pages into one batch, zero-padded and masked where lengths differ (decode runs once per
+token, so it must not loop in Python); ``attention_prefill`` loops over sequences, the plainest statement of the
 variable-length contract. They read ``cu_seqlens_*`` and lengths on the host: a reference may
 synchronize.
 Contracts: :func:`hal.ops.catalogue.mla_decode`, :func:`hal.ops.catalogue.attention_prefill`.
@@ -15,14 +15,18 @@ import torch
 __all__ = ["attention_prefill", "mla_decode"]
 
 
-def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the visible keys, in place.
 
     :param scores: float32 [..., Lq, Lk], already scaled; overwritten by the probabilities.
-    :param visible: bool, broadcastable to scores (e.g. [Lq, Lk]), True where a query may see a key.
+    :param visible: bool, broadcastable to scores (e.g. [Lq, Lk]), True where a query may see a key;
+        ``None`` when every query sees every key.
     :returns: ``(probs, lse float32 [..., Lq])``; a query that sees no key gets zero probabilities
         and ``lse = -inf`` (a plain softmax would give NaN there).
     """
+    if visible is None:
+        lse = torch.logsumexp(scores, dim=-1)
+        return scores.sub_(lse.unsqueeze(-1)).exp_(), lse
     scores.masked_fill_(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with no visible key
     # Subtracting 0 instead of -inf on those rows leaves exp(-inf) = 0 on each of their keys.
@@ -57,27 +61,32 @@ def mla_decode(
     block_size = kv_cache.shape[1]
     scale = d**-0.5 if softmax_scale is None else softmax_scale
     seqlens = cache_seqlens.long()
-    max_len = max(int(seqlens.max()), 1) if b else 1
-    n_blocks = -(-max_len // block_size)
-    length = n_blocks * block_size
-    # One batch of padded keys: each sequence's pages in table order. Table entries past a sequence's
-    # length may hold anything (even invalid ids), so they are replaced by block 0 before gathering and
-    # the padded keys are zeroed: unused cache rows may hold garbage, and 0 * NaN would leak into the sum.
-    pos = torch.arange(length, device=q.device)
-    valid = pos < seqlens.unsqueeze(1)  # [b, L]
-    used = valid[:, ::block_size]  # [b, n_blocks]: a block is used when its first row is
-    table = torch.where(used, block_table[:, :n_blocks].long(), 0)
-    keys = kv_cache[:, :, 0][table].reshape(b, length, d).float()  # a gathered copy: zeroed in place
-    keys.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    shortest, longest = (int(v) for v in torch.aminmax(seqlens)) if b else (0, 0)
+    length = max(longest, 1)  # keys per sequence: the longest sequence's, the others padded
+    n_blocks = -(-length // block_size)
+    # Each sequence's pages in table order, cut at `length`. Table entries past a sequence's length may
+    # hold anything (even invalid ids), and so may cache rows past it: when a sequence is shorter than
+    # `length` (ragged), its unused entries become block 0 before gathering and its padded keys are
+    # zeroed (0 * NaN would leak into the sum) and masked. Sequences all of one length need neither.
+    ragged = shortest < length
+    table = block_table[:, :n_blocks].long()
+    if ragged:
+        pos = torch.arange(n_blocks * block_size, device=q.device)
+        valid = pos < seqlens.unsqueeze(1)  # [b, n_blocks * block_size]
+        table = torch.where(valid[:, ::block_size], table, 0)  # a block is used when its first row is
+    keys = kv_cache[:, :, 0][table].reshape(b, n_blocks * block_size, d)[:, :length].float()  # a gathered copy
+    if ragged:
+        keys.masked_fill_(~valid[:, :length, None], 0.0)
     # Every (query, head) pair of a sequence is one row: [b, s_q * h, d] against the single latent head,
     # so scores and the value sum are each one batched matmul (no per-head copy of the keys).
     scores = torch.bmm(q.float().reshape(b, s_q * h, d), keys.transpose(1, 2)).mul_(scale)  # [b, s_q * h, L]
     # Query i of s_q sees keys < seqlen - s_q + i + 1 (causal) or < seqlen; every head alike.
+    visible = None
     if causal and s_q > 1:
         limit = seqlens.view(b, 1) - (s_q - 1 - torch.arange(s_q, device=q.device))  # [b, s_q]
-        visible = (pos < limit.unsqueeze(-1)).unsqueeze(2)  # [b, s_q, 1, L]
-    else:
-        visible = valid.view(b, 1, 1, length)
+        visible = (torch.arange(length, device=q.device) < limit.unsqueeze(-1)).unsqueeze(2)  # [b, s_q, 1, L]
+    elif ragged:
+        visible = valid[:, :length].view(b, 1, 1, length)
     probs, lse = _masked_softmax(scores.view(b, s_q, h, length), visible)
     out = torch.bmm(probs.view(b, s_q * h, length), keys[..., :head_dim_v])  # [b, s_q * h, d_v]
     return out.view(b, s_q, h, head_dim_v).to(q.dtype), lse.transpose(1, 2)  # lse [b, h, s_q]

@@ -136,8 +136,10 @@ def _masked(x: torch.Tensor, w: torch.Tensor, masked_m: torch.Tensor, out_dtype:
     """Batched matmul of fp32 ``x [E, max_m, K]`` by fp32 ``w [E, N, K]``, valid rows only."""
     # Rows past masked_m[e] may hold garbage (even NaN) from the dispatch: they are zeroed before the
     # one batched matmul (each output row depends on its own input row only, but 0 * NaN is NaN).
-    invalid = torch.arange(x.shape[1], device=x.device) >= masked_m.to(x.device).unsqueeze(1)  # [E, max_m]
-    x = x.masked_fill(invalid.unsqueeze(-1), 0.0)
+    # The reference reads masked_m on the host: when every group's rows are all valid, nothing is masked.
+    if masked_m.numel() and int(masked_m.min()) < x.shape[1]:
+        invalid = torch.arange(x.shape[1], device=x.device) >= masked_m.to(x.device).unsqueeze(1)  # [E, max_m]
+        x = x.masked_fill(invalid.unsqueeze(-1), 0.0)
     return torch.bmm(x, w.transpose(1, 2)).to(out_dtype)
 
 

@@ -2,7 +2,8 @@
 
 ``mla_decode`` is checked against a per-sequence, per-head, per-query softmax over a contiguous copy of
 each sequence's keys; the paged cache is built from those keys with a shuffled block assignment, NaN in
-the unused page rows and ``-1`` in unused block-table slots, so a paging bug cannot go unnoticed.
+the unused page rows and ``-1`` in unused block-table slots, so a paging bug cannot go unnoticed, for
+ragged batches (padded and masked) and batches of one length (neither).
 ``attention_prefill`` is checked against ``torch.nn.functional.scaled_dot_product_attention`` run per
 sequence in float64 with an explicit bottom-right boolean mask.
 """
@@ -64,6 +65,11 @@ DECODE_CASES = [
     DecodeCase((0, 1, 65, 130), s_q=2, h=4, d=96, dv=64, causal=True),
     DecodeCase((0, 1, 65, 130), s_q=2, h=4, d=96, dv=64, causal=False),
     DecodeCase((3, 64, 129), s_q=3, h=2, d=96, dv=64, causal=True, softmax_scale=0.05),
+    # Sequences all of one length take the unmasked path: the NaN rows past them must stay unread.
+    DecodeCase((65,), s_q=1, h=16, d=576, dv=512, causal=False),
+    DecodeCase((130, 130), s_q=1, h=4, d=96, dv=64, causal=True),
+    DecodeCase((130, 130), s_q=2, h=4, d=96, dv=64, causal=True, dtype=torch.bfloat16),
+    DecodeCase((64, 64, 64), s_q=3, h=2, d=96, dv=64, causal=False),
 ]
 
 
