@@ -67,7 +67,7 @@ class NonFiniteLogitsError(HALError, RuntimeError):
     """The model's logits hold NaN or inf: its weights or config are broken; no token is chosen from them."""
 
 
-def check_logits(logits: torch.Tensor, seqs: Sequence[int], what: str) -> torch.Tensor:
+def check_logits(logits: torch.Tensor, seqs: Sequence[Hashable], what: str) -> torch.Tensor:
     """``logits [b, vocab]`` (row ``i`` of sequence ``seqs[i]``) if every value is finite.
 
     :raises NonFiniteLogitsError: naming ``what`` and the sequences whose rows are not.

@@ -62,6 +62,7 @@ from hal.model.generate import (
     GenerativeModel,
     Sampler,
     check_eos,
+    check_logits,
     check_prompts,
     check_sampling,
     check_seed,
@@ -664,7 +665,8 @@ class AutoBatcher:
 
     def _prefill(self, jobs: list[_Job]) -> None:
         t0 = time.perf_counter()
-        logits = self._model.prefill(self._cache, [j.id for j in jobs], [j.prompt for j in jobs])
+        ids = [j.id for j in jobs]
+        logits = check_logits(self._model.prefill(self._cache, ids, [j.prompt for j in jobs]), ids, "prefill")
         going = [j for j in jobs if j.steps > 0]
         for j in jobs:
             if j.steps == 0:  # prefill only
@@ -684,7 +686,8 @@ class AutoBatcher:
 
     def _decode(self, jobs: list[_Job]) -> None:
         t0 = time.perf_counter()
-        logits = self._model.decode(self._cache, [j.id for j in jobs], [j.tokens[-1] for j in jobs])
+        ids = [j.id for j in jobs]
+        logits = check_logits(self._model.decode(self._cache, ids, [j.tokens[-1] for j in jobs]), ids, "decode")
         self._advance(jobs, self._choose(logits, jobs))
         seconds = time.perf_counter() - t0
         with self._cond:

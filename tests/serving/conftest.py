@@ -83,15 +83,25 @@ class RecordingModel:
     """Wraps a model; records every ``prefill`` / ``decode`` call (thread-safe to read).
 
     :param fail_on_decode: raise a (non-device) RuntimeError on this decode call (1-based).
+    :param nan_on_decode: return NaN logits from this decode call (1-based), as a model with broken
+        weights would.
     :param gate: when given, every model call waits for it to be set (at most 60 s), so a test can hold
         the scheduler inside a call.
     """
 
-    def __init__(self, inner: Any, *, fail_on_decode: int | None = None, gate: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        fail_on_decode: int | None = None,
+        nan_on_decode: int | None = None,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.inner = inner
         self.calls: list[Call] = []
         self._lock = threading.Lock()
         self.fail_on_decode = fail_on_decode
+        self.nan_on_decode = nan_on_decode
         self.gate = gate
         self._decodes = 0
         self._seen: set[Hashable] = set()
@@ -124,7 +134,8 @@ class RecordingModel:
         self._decodes += 1
         if self.fail_on_decode is not None and self._decodes == self.fail_on_decode:
             raise RuntimeError("injected model bug (not a device error)")
-        return self.inner.decode(cache, seq_ids, tokens)
+        logits = self.inner.decode(cache, seq_ids, tokens)
+        return logits * float("nan") if self._decodes == self.nan_on_decode else logits
 
     def of(self, kind: str) -> list[Call]:
         with self._lock:

@@ -11,7 +11,7 @@ import pytest
 
 import hal
 from hal.model import DeepseekModel
-from hal.model.generate import GenerationError, generate
+from hal.model.generate import GenerationError, NonFiniteLogitsError, generate
 from hal.model.parallel import ParallelConfig
 from hal.serving import BatcherClosedError, Request, RequestResult, RequestTooLargeError, generate_batched
 from tests.serving.conftest import RecordingModel, one_at_a_time, prompts_for
@@ -177,6 +177,20 @@ def test_a_model_error_fails_the_requests_in_flight_and_the_batcher_goes_on(mode
         stats = batcher.stats()
     assert later.tokens == one_at_a_time(model, prompts[3:], [6])[0]
     assert stats.failed == 3 and stats.finished == 1 and stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0
+
+
+def test_non_finite_logits_fail_the_requests_in_flight_instead_of_giving_tokens(model: DeepseekModel) -> None:
+    rec = RecordingModel(model, nan_on_decode=2)
+    prompts = prompts_for(3, model.cfg.vocab_size, seed=4)
+    with hal.AutoBatcher(rec, max_batch_size=4, timeout_ms=50, num_blocks=8) as batcher:
+        futures = [batcher.submit(p, 6) for p in prompts[:2]]
+        for f in futures:
+            with pytest.raises(NonFiniteLogitsError, match=r"decode: the model's logits hold NaN or inf"):
+                f.result(timeout=30)
+        later = batcher.submit(prompts[2], 6).result(timeout=30)  # the batcher goes on
+        stats = batcher.stats()
+    assert later.tokens == one_at_a_time(model, prompts[2:], [6])[0]
+    assert stats.failed == 2 and stats.finished == 1 and stats.kv_blocks_used == 0
 
 
 def test_close_drains_then_refuses_and_can_cancel_queued_requests(model: DeepseekModel) -> None:
