@@ -90,6 +90,17 @@ class _Layer:
     mlp: _Mlp | _Moe
 
 
+def _check_distinct(seq_ids: Sequence[Hashable], what: str) -> None:
+    if len(set(seq_ids)) != len(seq_ids):
+        seen: set[Hashable] = set()
+        repeated = []
+        for s in seq_ids:
+            if s in seen:
+                repeated.append(s)
+            seen.add(s)
+        raise ModelError(f"{what}: sequence ids must be distinct, {repeated[:8]} repeat")
+
+
 class DeepseekModel:
     """A DeepSeek-V2/V3 model on a HAL backend.
 
@@ -268,6 +279,10 @@ class DeepseekModel:
                 f"prefill: expected one id per prompt and at least one prompt, got {len(seq_ids)} ids "
                 f"and {len(prompts)} prompts"
             )
+        _check_distinct(seq_ids, "prefill")
+        present = [s for s in seq_ids if s in cache]
+        if present:
+            raise ModelError(f"prefill: sequences {present[:8]} are in the cache already; decode them or free them")
         lengths = [len(p) for p in prompts]
         for i, p in enumerate(prompts):
             self._check_ids(p, f"prompt {i}")
@@ -324,6 +339,7 @@ class DeepseekModel:
         if len(token_list) != len(seq_ids) or not token_list:
             raise ModelError(f"decode: expected one token per sequence, got {len(token_list)} for {len(seq_ids)}")
         self._check_ids(token_list, "decode tokens")
+        _check_distinct(seq_ids, "decode")
         positions_list = [cache.seq_len(s) for s in seq_ids]
         too_long = [s for s, p in zip(seq_ids, positions_list, strict=True) if p >= self.cfg.max_position_embeddings]
         if too_long:

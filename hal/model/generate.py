@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from hal.backend import Backend
-from hal.errors import HALError
+from hal.errors import HALError, KVCacheExhaustedError
 from hal.kvcache import PagedKVCache
 from hal.model.config import ModelConfig
 from hal.ops.catalogue import KV_BLOCK_SIZE
@@ -240,25 +240,47 @@ def check_sampling(
 
 
 def check_eos(eos_token_ids: Sequence[int] | None, cfg: ModelConfig, *, where: str = "generate") -> frozenset[int]:
-    """The end-of-sequence ids: ``eos_token_ids``, or the config's when ``None`` (empty: never stop early).
+    """The end-of-sequence ids: ``eos_token_ids`` (one id or a sequence of them), or the config's when
+    ``None`` (empty: never stop early).
 
-    :raises GenerationError: not a sequence of ints.
+    :raises GenerationError: not ids, or ids outside the vocabulary.
     """
-    eos_source = cfg.eos_token_id if eos_token_ids is None else eos_token_ids
-    if isinstance(eos_source, (str, bytes)) or not isinstance(eos_source, Sequence | torch.Tensor):
-        raise GenerationError(f"{where}: eos_token_ids must be a sequence of ints or None, got {eos_source!r}")
-    return frozenset(_int(t, "eos_token_ids", where) for t in eos_source)
+    eos_source: object = cfg.eos_token_id if eos_token_ids is None else eos_token_ids
+    if isinstance(eos_source, torch.Tensor):
+        eos_source = eos_source.reshape(-1).tolist()  # a 0-d tensor is one id
+    elif not isinstance(eos_source, (str, bytes, Sequence)) and not isinstance(eos_source, bool):
+        try:
+            eos_source = [operator.index(eos_source)]  # type: ignore[arg-type]  # one id, as configs write it
+        except TypeError:
+            pass
+    if isinstance(eos_source, (str, bytes)) or not isinstance(eos_source, Sequence):
+        raise GenerationError(f"{where}: eos_token_ids must be an id, a sequence of ids or None, got {eos_source!r}")
+    ids = frozenset(_int(t, "eos_token_ids", where) for t in eos_source)
+    bad = sorted(t for t in ids if not 0 <= t < cfg.vocab_size)
+    if bad:
+        raise GenerationError(f"{where}: eos_token_ids {bad[:8]} outside the vocabulary [0, {cfg.vocab_size})")
+    return ids
 
 
 def check_seed(seed: object, *, where: str = "generate") -> int | None:
-    """``seed`` as an int, or ``None`` (draw a fresh seed). :raises GenerationError: not an int."""
-    return None if seed is None else _int(seed, "seed", where)
+    """``seed`` as an int, or ``None`` (draw a fresh seed).
+
+    :raises GenerationError: not an int, or outside what ``torch.Generator.manual_seed`` takes,
+        ``[-2**63, 2**64)``.
+    """
+    if seed is None:
+        return None
+    value = _int(seed, "seed", where)
+    if not -(2**63) <= value < 2**64:
+        raise GenerationError(f"{where}: seed must lie in [-2**63, 2**64) (torch's generator seeds), got {value}")
+    return value
 
 
 def default_num_blocks(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
-    """The KV-cache blocks :func:`generate` reserves by default: every prompt plus ``max_new_tokens``,
-    rounded up to whole blocks per sequence (inputs already checked)."""
-    return sum(-(-(len(p) + max_new_tokens) // KV_BLOCK_SIZE) for p in prompts)
+    """The KV-cache blocks :func:`generate` reserves by default, the most it can use: every prompt plus
+    ``max_new_tokens - 1`` tokens (the last new token is never fed back), rounded up to whole blocks per
+    sequence (inputs already checked)."""
+    return sum(-(-(len(p) + max(max_new_tokens - 1, 0)) // KV_BLOCK_SIZE) for p in prompts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,7 +353,9 @@ class Sampler:
             # Keep the smallest prefix whose mass reaches top_p: a token stays while the mass before it
             # is below top_p, so the most likely token is always kept.
             before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-            sorted_p = sorted_p.masked_fill(before >= self.top_p, 0.0)
+            dropped = before >= self.top_p
+            dropped[..., 0] = False  # even when top_p rounds to 0 in float32
+            sorted_p = sorted_p.masked_fill(dropped, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         choice = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device))
         return [int(t) for t in choice.squeeze(-1).tolist()]
@@ -368,9 +392,10 @@ def generate(
         draws a fresh seed.
     :param eos_token_ids: ids that end a sequence. ``None`` takes ``model.cfg.eos_token_id``; an empty
         sequence never stops early.
-    :param num_blocks: KV cache blocks of 64 tokens. ``None`` reserves enough for every prompt plus
-        ``max_new_tokens``, rounded up per sequence; fewer can run out
-        (:class:`~hal.errors.KVCacheExhaustedError`).
+    :param num_blocks: KV cache blocks of 64 tokens. ``None`` reserves all that generation can use (every
+        prompt plus ``max_new_tokens - 1`` tokens, rounded up per sequence); fewer can run out during
+        decode (:class:`~hal.errors.KVCacheExhaustedError`, naming the step), too few for the prompts
+        alone is refused before any compute.
     :param progress: log progress (prefill done, decode steps every few seconds) at INFO, not DEBUG.
     :raises GenerationError: an empty batch or prompt, an id outside the vocabulary, a prompt that with
         ``max_new_tokens`` outgrows ``max_position_embeddings``, ``max_new_tokens < 0``,
@@ -388,6 +413,12 @@ def generate(
         num_blocks = _int(num_blocks, "num_blocks")
         if num_blocks <= 0:
             raise GenerationError(f"generate: num_blocks must be a positive int, got {num_blocks}")
+        prompt_blocks = default_num_blocks(ids, 1)  # the prompts alone
+        if num_blocks < prompt_blocks:
+            raise GenerationError(
+                f"generate: num_blocks={num_blocks} cannot hold the prompts, which take {prompt_blocks} blocks of "
+                f"{KV_BLOCK_SIZE} tokens (num_blocks=None reserves all that generation can use)"
+            )
     level = logging.INFO if progress else logging.DEBUG
     sampler = Sampler(temperature, top_p, seed)
     backend = model.backend
@@ -416,7 +447,15 @@ def generate(
     t0 = last_log = time.perf_counter()
     while active:
         last = [tokens[s][-1] for s in active]
-        logits = check_logits(model.decode(cache, active, last), active, f"decode step {len(tokens[active[0]])}")
+        step = f"decode step {len(tokens[active[0]])}"
+        try:
+            logits = check_logits(model.decode(cache, active, last), active, step)
+        except KVCacheExhaustedError as exc:  # only with a num_blocks given: the default never runs out
+            need = default_num_blocks(ids, steps)
+            raise KVCacheExhaustedError(
+                f"generate: {step}: num_blocks={num_blocks} ran out; these prompts with max_new_tokens={steps} "
+                f"can use {need} blocks of {KV_BLOCK_SIZE} tokens (num_blocks=None reserves them)"
+            ) from exc
         decode_tokens += len(active)
         active = _advance(sampler(logits), active, tokens, reasons, eos, steps, cache)
         if time.perf_counter() - last_log >= _PROGRESS_EVERY_S:

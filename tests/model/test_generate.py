@@ -152,14 +152,27 @@ def test_one_new_token_needs_no_decode_step(cpu: hal.Backend) -> None:
 def test_default_cache_fits_every_prompt_plus_new_tokens_in_64_token_blocks(cpu: hal.Backend) -> None:
     model = FakeModel(cpu)
     generate(model, [[1] * 3, [1] * 70, [1] * 54], max_new_tokens=10)
-    assert model.num_blocks == 1 + 2 + 1  # ceil(13/64) + ceil(80/64) + ceil(64/64)
+    assert model.num_blocks == 1 + 2 + 1  # ceil(12/64) + ceil(79/64) + ceil(63/64): the last token is not kept
+    generate(model, [[1] * 64], max_new_tokens=1)
+    assert model.num_blocks == 1  # the prompt alone
     generate(model, [[1]], max_new_tokens=2, num_blocks=7)
     assert model.num_blocks == 7
 
 
-def test_too_few_blocks_raises_the_cache_error(cpu: hal.Backend) -> None:
-    with pytest.raises(hal.errors.KVCacheExhaustedError):
-        generate(FakeModel(cpu), [[1] * 60, [2] * 60], max_new_tokens=2, num_blocks=1)
+def test_too_few_blocks_for_the_decode_raise_the_cache_error_naming_num_blocks(cpu: hal.Backend) -> None:
+    with pytest.raises(hal.errors.KVCacheExhaustedError, match=r"decode step 5: num_blocks=1 ran out; .* use 2 blocks"):
+        generate(FakeModel(cpu), [[1] * 60], max_new_tokens=10, num_blocks=1)  # the 65th token needs block 2
+
+
+def test_eos_ids_may_be_one_int_or_a_tensor(cpu: hal.Backend) -> None:
+    for eos in (3, torch.tensor(3), [3]):
+        result = generate(FakeModel(cpu), [[1]], max_new_tokens=5, eos_token_ids=eos)  # type: ignore[arg-type]
+        assert result.tokens == [[2, 3]] and result.finish_reasons == ["eos"]
+
+
+def test_a_top_p_below_float32_keeps_the_most_likely_token(cpu: hal.Backend) -> None:
+    sampled = generate(FakeModel(cpu), [[1]], max_new_tokens=4, temperature=1.0, top_p=1e-46, seed=0).tokens
+    assert sampled == generate(FakeModel(cpu), [[1]], max_new_tokens=4).tokens  # the nucleus is the argmax
 
 
 def test_non_finite_logits_stop_generation_with_the_step_and_sequence_named(cpu: hal.Backend) -> None:
@@ -274,7 +287,10 @@ def test_low_temperature_sampling_is_greedy_and_does_not_overflow(cpu: hal.Backe
         ([[1]], {"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
         ([[1]], {"top_p": 1.5}, r"top_p must lie in \(0, 1\]"),
         ([[1]], {"num_blocks": 0}, "num_blocks must be a positive int"),
-        ([[1]], {"eos_token_ids": 3}, "eos_token_ids must be a sequence"),
+        ([[1]], {"eos_token_ids": "3"}, "eos_token_ids must be an id, a sequence of ids or None"),
+        ([[1]], {"eos_token_ids": [3, 16]}, r"eos_token_ids \[16\] outside the vocabulary \[0, 16\)"),
+        ([[1]], {"seed": 2**64}, r"seed must lie in \[-2\*\*63, 2\*\*64\)"),
+        ([[1] * 10, [1]], {"num_blocks": 1}, "num_blocks=1 cannot hold the prompts, which take 2 blocks"),
     ],
     ids=lambda v: None if isinstance(v, (list, str)) else str(v),
 )

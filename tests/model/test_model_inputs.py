@@ -62,6 +62,13 @@ def test_decode_needs_one_token_per_sequence(model: DeepseekModel) -> None:
     with pytest.raises(ModelError, match="outside the vocabulary"):
         model.decode(cache, ["a", "b"], [5, -1])
     assert cache.seq_len("a") == 2 and cache.seq_len("b") == 1  # nothing appended
+    with pytest.raises(ModelError, match=r"decode: sequence ids must be distinct, \['a'\] repeat"):
+        model.decode(cache, ["a", "a"], [5, 6])
+    with pytest.raises(ModelError, match=r"prefill: sequences \['b'\] are in the cache already"):
+        model.prefill(cache, ["c", "b"], [[1], [2]])
+    with pytest.raises(ModelError, match=r"prefill: sequence ids must be distinct"):
+        model.prefill(cache, ["c", "c"], [[1], [2]])
+    assert "c" not in cache and cache.seq_len("a") == 2 and cache.seq_len("b") == 1 and cache.num_used_blocks == 2
 
 
 def test_decode_cache_full_changes_nothing(model: DeepseekModel) -> None:
