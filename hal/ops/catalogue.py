@@ -25,13 +25,14 @@ Kinds of op:
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
 
-from hal.errors import CollectiveError, LayoutError, OpInputError, ShapeError
+from hal.errors import CollectiveError, DTypeError, LayoutError, OpInputError, ShapeError
 from hal.ops import _validate as _v
 from hal.types import Dispatched, DispatchHandle, MemoryStats, Permutation, RouteResult
 
@@ -819,6 +820,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 _REDUCE_OPS = ("sum", "max", "min", "avg")
 
 
+def _count(s: object) -> bool:
+    """Whether ``s`` is a row count: an int >= 0 (a 0-d integer tensor too), not a bool or a float."""
+    if isinstance(s, bool):
+        return False
+    try:
+        return operator.index(s) >= 0  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
 def _check_collective_tensor(op: str, t: torch.Tensor) -> None:
     _v.tensor(op, "t", t)
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -833,6 +844,8 @@ def _check_reduce(op: str, t: torch.Tensor, reduce: str) -> None:
         raise OpInputError(op, "op", f"expected one of {_REDUCE_OPS}, got {reduce!r}")
     if t.dtype in _v.FP8S:
         raise OpInputError(op, "t", f"cannot reduce {t.dtype}; reduce in bfloat16 or float32")
+    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no transport reduces them
+        raise DTypeError(op, "t", f"cannot reduce {t.dtype}; reduce in int32 or int64")
 
 
 @_op("collective")
@@ -899,13 +912,15 @@ def all_to_all(
     :returns: [sum(output_split_sizes), ...].
     """
     _check_collective_tensor("all_to_all", t)
+    if t.dim() < 1:
+        _v.rank("all_to_all", "t", t, 1, "[n, ...]")
     if (output_split_sizes is None) != (input_split_sizes is None):
         raise OpInputError(
             "all_to_all", "output_split_sizes", "give both split lists or neither (None means equal splits)"
         )
     world = torch.distributed.get_world_size(group)
     for name, splits in (("output_split_sizes", output_split_sizes), ("input_split_sizes", input_split_sizes)):
-        if splits is not None and (len(splits) != world or any(s < 0 for s in splits)):
+        if splits is not None and (len(splits) != world or not all(_count(s) for s in splits)):
             raise OpInputError("all_to_all", name, f"expected {world} non-negative row counts, got {list(splits)}")
     if input_split_sizes is not None and sum(input_split_sizes) != t.shape[0]:
         raise ShapeError(
@@ -926,6 +941,9 @@ def broadcast(t: torch.Tensor, *, src: int = 0, group: Any = None) -> torch.Tens
     :returns: ``t``.
     """
     _check_collective_tensor("broadcast", t)
+    world = torch.distributed.get_world_size()
+    if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < world:
+        raise OpInputError("broadcast", "src", f"expected a global rank in [0, {world}), got {src!r}")
     return _impl(t, src=src, group=group)
 
 

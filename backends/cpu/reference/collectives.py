@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from hal.distributed import collective_guard
+from hal.errors import LayoutError
 from hal.types import Dispatched, DispatchHandle
 
 __all__ = [
@@ -275,9 +276,14 @@ def ep_dispatch(
         return _dispatch_low_latency(x, x_scales, topk_ids, topk_weights, *ll, group)
     packed, widths = _packed_fields(x, x_scales, topk_ids, topk_weights)
     goes = _destinations(topk_ids, local, world)  # each token is sent once to each of them
-    send_counts = goes.sum(dim=1)
-    recv_counts_t = torch.empty_like(send_counts)
-    pending = dist.all_to_all_single(recv_counts_t, send_counts, group=group, async_op=True)
+    # Each rank's row count for each other rank, with this rank's layout beside it: ranks that disagree
+    # on it would exchange rows of different sizes (gloo aborts the process, or a receiver reads garbage),
+    # so every rank compares the others' layout with its own before the rows travel.
+    layout = _layout(x, x_scales, topk_ids, num_experts)
+    meta = torch.cat([goes.sum(dim=1, keepdim=True), layout.expand(world, -1)], dim=1)  # [world, 1 + fields]
+    recv_meta = torch.empty_like(meta)
+    pending = dist.all_to_all_single(recv_meta, meta, group=group, async_op=True)
+    send_counts = meta[:, 0]
 
     # While the counts travel: the packed rows each other rank gets, by rank, gathered as two column
     # blocks, x and the small metadata fields side by side (one table of those, not of the x bytes).
@@ -297,7 +303,8 @@ def ep_dispatch(
     _gather_rows(send, blocks, block_widths, others)
 
     pending.wait()
-    recv_counts = [int(c) for c in recv_counts_t.tolist()]
+    _check_layouts(recv_meta[:, 1:], layout, rank)
+    recv_counts = [int(c) for c in recv_meta[:, 0].tolist()]
     recv = torch.empty(sum(recv_counts), row, dtype=torch.uint8, device=dev)
     own = _exchange_around_own(recv, send, recv_counts, send_list, rank, group)
     _gather_rows(own, blocks, block_widths, send_index[lo:hi])
@@ -307,6 +314,48 @@ def ep_dispatch(
         send_index=send_index, send_counts=send_list, recv_counts=recv_counts, num_tokens=num_tokens
     )
     return Dispatched(*got, handle)
+
+
+#: What every rank's dispatch must agree on (the order :func:`_layout` writes it), and the argument each is of.
+_LAYOUT_FIELDS = (
+    ("x", "x's hidden size"),
+    ("x", "x's dtype"),
+    ("x_scales", "x_scales' columns (-1: none)"),
+    ("topk_ids", "top_k"),
+    ("num_experts", "num_experts"),
+)
+#: Dtype codes in the layout: the index here, or ``1000 + itemsize`` for another dtype.
+_DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn)
+_DTYPE_CODES += (torch.float8_e4m3fnuz, torch.float8_e5m2, torch.int8, torch.uint8, torch.int32, torch.int64)
+
+
+def _layout(x: torch.Tensor, x_scales: torch.Tensor | None, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [1, len(_LAYOUT_FIELDS)]: this rank's dispatch layout."""
+    dtype = _DTYPE_CODES.index(x.dtype) if x.dtype in _DTYPE_CODES else 1000 + x.element_size()
+    scales = -1 if x_scales is None else x_scales.shape[1]
+    return torch.tensor([[x.shape[1], dtype, scales, topk_ids.shape[1], num_experts]], dtype=torch.int64)
+
+
+def _check_layouts(theirs: torch.Tensor, mine: torch.Tensor, rank: int) -> None:
+    """Raise if another rank's layout differs from this one's: every rank compares the others with itself,
+    so every rank raises, and before the rows travel."""
+    if bool((theirs == mine).all()):
+        return
+    r, f = (int(i) for i in (theirs != mine).nonzero()[0])
+    got, want = int(theirs[r, f]), int(mine[0, f])
+
+    def shown(v: int) -> str:
+        if f != 1:
+            return str(v)
+        return str(_DTYPE_CODES[v]).removeprefix("torch.") if 0 <= v < len(_DTYPE_CODES) else f"{v - 1000}-byte"
+
+    arg, what = _LAYOUT_FIELDS[f]
+    raise LayoutError(
+        "ep_dispatch",
+        arg,
+        f"every rank must dispatch the same layout, but {what} is {shown(got)} on rank {r} and {shown(want)} "
+        f"on this rank ({rank})",
+    )
 
 
 def _destinations(topk_ids: torch.Tensor, per_rank: int, world: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+import hal
+from hal.errors import DTypeError, OpInputError, ShapeError
 from hal.ops.catalogue import CATALOGUE
 from hal.testing.dist import assert_passed, checks_in, run_checks
 from hal_cpu.reference import collectives as ref
@@ -176,6 +178,22 @@ def check_barrier(rank: int) -> None:
     waited = time.monotonic() - start
     if rank == 0 and waited < 0.3:
         raise AssertionError(f"rank 0 left the barrier after {waited:.3f} s, before rank 1 arrived")
+
+
+def check_bad_arguments_are_refused_on_every_rank_before_any_exchange(rank: int) -> None:
+    be = hal.get_backend("cpu")  # the validated ops
+    t = _x(rank, 4, 3)
+    for src in (2, -1, True, 1.0):
+        with pytest.raises(OpInputError, match=r"broadcast: src: expected a global rank in \[0, 2\)"):
+            be.broadcast(t, src=src)
+    with pytest.raises(OpInputError, match="all_to_all: output_split_sizes: expected 2 non-negative row counts"):
+        be.all_to_all(t, output_split_sizes=[2.0, 2.0], input_split_sizes=[2.0, 2.0])
+    with pytest.raises(ShapeError, match="all_to_all: t:"):
+        be.all_to_all(torch.tensor(1.0))
+    with pytest.raises(DTypeError, match=r"all_reduce: t: cannot reduce torch\.uint16"):
+        be.all_reduce(torch.zeros(4, dtype=torch.uint16))
+    got = be.all_to_all(t, output_split_sizes=[torch.tensor(2), 2], input_split_sizes=[2, torch.tensor(2)])
+    assert got.shape == (4, 3)  # the group is intact, and 0-d integer tensors count as row counts
 
 
 _CHECKS = checks_in(globals())

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import hal
-from hal.errors import CollectiveError, OpInputError, ShapeError
+from hal.errors import CollectiveError, LayoutError, OpInputError, ShapeError
 from hal.ops import catalogue
 from hal.testing.dist import assert_passed, checks_in, run_checks
 from hal.types import Dispatched, DispatchHandle
@@ -315,6 +315,26 @@ def check_low_latency_refusals(rank: int) -> None:
     assert d.x.shape == (16, 16)
     with pytest.raises(ShapeError, match="rows received"):
         be.ep_combine(torch.zeros(6, 16), d.handle)
+
+
+def check_ranks_that_disagree_on_the_layout_all_raise_before_the_rows_travel(rank: int) -> None:
+    """A normal-mode dispatch whose ranks disagree on x's width or dtype, top_k or num_experts raises a
+    LayoutError on every rank (no abort, no garbage), and the group still works afterwards."""
+    be = hal.get_backend("cpu")
+    x, ids, w = _random_routing(rank, 5, 16, 2, 4)
+    zero = rank == 0  # rank 0 differs from rank 1 in each case: (what, rank 0's value, rank 1's value, args)
+    cases = [
+        ("x's hidden size", "8", "16", (x[:, :8] if zero else x, ids, w, 4)),
+        ("x's dtype", "bfloat16", "float32", (x.bfloat16() if zero else x, ids, w, 4)),
+        ("top_k", "1", "2", (x, ids[:, :1] if zero else ids, w[:, :1] if zero else w, 4)),
+        ("num_experts", "8", "4", (x, ids, w, 8 if zero else 4)),
+    ]
+    for what, on_0, on_1, (xr, idr, wr, experts) in cases:
+        theirs, mine = (on_1, on_0) if zero else (on_0, on_1)
+        want = f"same layout, but {what} is {theirs} on rank {1 - rank} and {mine} on this rank \\({rank}\\)"
+        with pytest.raises(LayoutError, match=want):
+            be.ep_dispatch(xr, idr, wr, num_experts=experts)
+    _check_moe(rank, [_random_routing(r, 5, 16, 2, 4) for r in range(WORLD)], 4)  # the group is intact
 
 
 _CHECKS = checks_in(globals())
