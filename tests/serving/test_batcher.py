@@ -165,32 +165,29 @@ def test_bad_input_raises_at_submit_and_queues_nothing(model: DeepseekModel) -> 
         hal.AutoBatcher(model, max_batch_size=0)
 
 
-def test_a_model_error_fails_the_requests_in_flight_and_the_batcher_goes_on(model: DeepseekModel) -> None:
-    rec = RecordingModel(model, fail_on_decode=2)
+@pytest.mark.parametrize(
+    ("fault", "error", "match"),
+    [
+        ({"fail_on_decode": 2}, RuntimeError, "injected model bug"),
+        # NaN logits would give tokens like any others: the requests fail instead.
+        ({"nan_on_decode": 2}, NonFiniteLogitsError, "decode: the model's logits hold NaN or inf"),
+    ],
+    ids=["exception", "nan-logits"],
+)
+def test_a_failed_decode_fails_the_requests_in_flight_and_the_batcher_goes_on(
+    model: DeepseekModel, fault: dict[str, int], error: type[Exception], match: str
+) -> None:
+    rec = RecordingModel(model, **fault)
     prompts = prompts_for(4, model.cfg.vocab_size, seed=9)
     with hal.AutoBatcher(rec, max_batch_size=4, timeout_ms=50, num_blocks=8) as batcher:
         futures = [batcher.submit(p, 6) for p in prompts[:3]]
         for f in futures:
-            with pytest.raises(RuntimeError, match="injected model bug"):
+            with pytest.raises(error, match=match):
                 f.result(timeout=30)
         later = batcher.submit(prompts[3], 6).result(timeout=30)
         stats = batcher.stats()
     assert later.tokens == one_at_a_time(model, prompts[3:], [6])[0]
     assert stats.failed == 3 and stats.finished == 1 and stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0
-
-
-def test_non_finite_logits_fail_the_requests_in_flight_instead_of_giving_tokens(model: DeepseekModel) -> None:
-    rec = RecordingModel(model, nan_on_decode=2)
-    prompts = prompts_for(3, model.cfg.vocab_size, seed=4)
-    with hal.AutoBatcher(rec, max_batch_size=4, timeout_ms=50, num_blocks=8) as batcher:
-        futures = [batcher.submit(p, 6) for p in prompts[:2]]
-        for f in futures:
-            with pytest.raises(NonFiniteLogitsError, match=r"decode: the model's logits hold NaN or inf"):
-                f.result(timeout=30)
-        later = batcher.submit(prompts[2], 6).result(timeout=30)  # the batcher goes on
-        stats = batcher.stats()
-    assert later.tokens == one_at_a_time(model, prompts[2:], [6])[0]
-    assert stats.failed == 2 and stats.finished == 1 and stats.kv_blocks_used == 0
 
 
 def test_close_drains_then_refuses_and_can_cancel_queued_requests(model: DeepseekModel) -> None:
