@@ -330,10 +330,11 @@ _DTYPE_CODES += (torch.float8_e4m3fnuz, torch.float8_e5m2, torch.int8, torch.uin
 
 
 def _layout(x: torch.Tensor, x_scales: torch.Tensor | None, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 [1, len(_LAYOUT_FIELDS)]: this rank's dispatch layout."""
+    """int64 [1, len(_LAYOUT_FIELDS)] on ``topk_ids``' device: this rank's dispatch layout."""
     dtype = _DTYPE_CODES.index(x.dtype) if x.dtype in _DTYPE_CODES else 1000 + x.element_size()
     scales = -1 if x_scales is None else x_scales.shape[1]
-    return torch.tensor([[x.shape[1], dtype, scales, topk_ids.shape[1], num_experts]], dtype=torch.int64)
+    fields = [[x.shape[1], dtype, scales, topk_ids.shape[1], num_experts]]
+    return torch.tensor(fields, dtype=torch.int64, device=topk_ids.device)  # beside the counts, on the device
 
 
 def _check_layouts(theirs: torch.Tensor, mine: torch.Tensor, rank: int) -> None:
