@@ -23,6 +23,7 @@ no collective runs and the computation is the single-process one, op for op.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -91,13 +92,8 @@ class _Layer:
 
 
 def _check_distinct(seq_ids: Sequence[Hashable], what: str) -> None:
-    if len(set(seq_ids)) != len(seq_ids):
-        seen: set[Hashable] = set()
-        repeated = []
-        for s in seq_ids:
-            if s in seen:
-                repeated.append(s)
-            seen.add(s)
+    repeated = [s for s, n in Counter(seq_ids).items() if n > 1]
+    if repeated:
         raise ModelError(f"{what}: sequence ids must be distinct, {repeated[:8]} repeat")
 
 

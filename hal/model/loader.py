@@ -561,7 +561,8 @@ def _has_fp8_weights(root: Path) -> bool:
 
 def _check_fp8_blocks(root: Path) -> None:
     """An FP8 checkpoint must use DeepSeek's 128×128 scale blocks, the only ones HAL's FP8 GEMMs take."""
-    blocks = _quantization_config(root).get("weight_block_size") if _has_fp8_weights(root) else None
+    quantization = _quantization_config(root)
+    blocks = quantization.get("weight_block_size") if quantization.get("quant_method") == "fp8" else None
     if blocks is not None and (not isinstance(blocks, list) or blocks != [FP8_BLOCK, FP8_BLOCK]):
         raise ModelLoadError(
             f"{root / 'config.json'}: quantization_config.weight_block_size: only [{FP8_BLOCK}, {FP8_BLOCK}] "
