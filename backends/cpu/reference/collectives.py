@@ -476,7 +476,9 @@ def _dispatch_low_latency(
     handle = DispatchHandle.low_latency(skipped, rank, max_tokens)
 
     if world > 1:
-        send = own if world == 2 else own.expand(world - 1, max_tokens, row).reshape(-1, row)
+        # One copy of the own block per other rank (``expand(...).reshape`` would give a strided view,
+        # not a copy, when the block is one row: the transports take contiguous buffers only).
+        send = own if world == 2 else own.repeat(world - 1, 1)
         splits = _remote_splits(world, rank, max_tokens)
         dist.all_to_all_single(recv[max_tokens:], send, splits, splits, group=group)
     if not per_rank:  # global ids and raw weights arrived: make them this rank's

@@ -277,6 +277,8 @@ def _low_latency_like_normal_cases(rank: int) -> None:
         ([0] + [9] * (world - 1), 2, 2, 9),  # a rank without tokens
         ([7] * world, 1, 1, 9),  # top-1: one rank per token
         ([30] * world, 8, 4, 30),  # top-8 over every rank's experts
+        ([1] * world, 2, 2, 1),  # one slot per rank (a decode step with no more tokens than ranks)
+        ([1] + [0] * (world - 1), 1, 1, 1),
     ]
     for seed, (tokens, top_k, per_rank, m) in enumerate(cases):
         routings = _ll_routings(world, seed, tokens, top_k, per_rank * world)
