@@ -199,6 +199,8 @@ def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "num_attention_heads": 2,
         "n_routed_experts": 4,
         "num_experts_per_tok": 2,
+        "n_group": 1,
+        "topk_group": 1,
         "first_k_dense_replace": 1,
         "q_lora_rank": None,
         "kv_lora_rank": 32,

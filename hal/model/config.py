@@ -15,11 +15,50 @@ from typing import Any
 
 from hal.errors import HALError
 
-__all__ = ["ConfigError", "ModelConfig", "tiny_config"]
+__all__ = ["ABSENT_KEY_DEFAULTS", "ConfigError", "ModelConfig", "tiny_config"]
 
 
 class ConfigError(HALError, ValueError):
     """A config value the model cannot run with; the message names the key."""
+
+
+#: What a ``config.json`` that leaves one of these keys out means, by ``model_type``: transformers'
+#: ``DeepseekV3Config`` / ``DeepseekV2Config`` defaults, and for ``scoring_func`` / ``topk_method``
+#: (which transformers does not read) what its routers always do: V3 sigmoid scores with the bias and
+#: group-limited top-k, V2 softmax scores and greedy top-k. These keys change the output without
+#: changing any weight's shape, so a default other than transformers' would run a different model
+#: silently (transformers' V2 config never writes ``scoring_func``). Keys that shape the weights are
+#: checked against the checkpoint by the loader instead.
+ABSENT_KEY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "deepseek_v3": {
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "num_experts_per_tok": 8,
+        "n_group": 8,
+        "topk_group": 4,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "rope_interleave": True,
+        "eos_token_id": 1,
+        "bos_token_id": 0,
+    },
+    "deepseek_v2": {
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
+        "num_experts_per_tok": None,
+        "n_group": None,
+        "topk_group": None,
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 2048,
+        "rope_interleave": True,
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +147,10 @@ class ModelConfig:
         model_type = get("model_type")
         if model_type not in (None, "deepseek_v3", "deepseek_v2"):
             raise ConfigError(f"model_type: expected 'deepseek_v3' or 'deepseek_v2', got {model_type!r}")
+        # A key left out means what transformers makes of it for this model type (V3 without one).
+        defaults = ABSENT_KEY_DEFAULTS[model_type or "deepseek_v3"]
+        absent = [key for key in defaults if key not in raw]
+        raw = {**defaults, **raw}
         if get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act: only 'silu' is implemented, got {get('hidden_act')!r}")
         if _bool(raw, "attention_bias", False):
@@ -161,7 +204,14 @@ class ModelConfig:
             torch_dtype=get("torch_dtype") or get("dtype"),
             num_nextn_predict_layers=_int(raw, "num_nextn_predict_layers", 0, null=0),
         )
-        cfg.check()
+        try:
+            cfg.check()
+        except ConfigError as exc:
+            key = str(exc).split(":", 1)[0]
+            if key in absent:  # the value came from the defaults: say so, or the user hunts for it in vain
+                kind = model_type or "deepseek_v3"
+                raise ConfigError(f"{exc} (not in config.json: transformers' default for {kind}; set it)") from None
+            raise
         return cfg
 
     @classmethod

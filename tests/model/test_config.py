@@ -166,3 +166,32 @@ def test_tiny_config_covers_the_architecture() -> None:
     assert cfg.q_lora_rank is not None and cfg.n_group > 1 and cfg.rope["rope_type"] == "yarn"
     assert not cfg.is_moe_layer(0) and cfg.is_moe_layer(1) and cfg.n_shared_experts == 1
     assert cfg == ModelConfig.from_dict({**BASE, "rope_scaling": dict(BASE["rope"]), "eos_token_id": None})
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_absent_keys_mean_what_transformers_makes_of_them(model_type: str) -> None:
+    # The keys that change the output without changing a weight's shape: left out of config.json, they
+    # take the values transformers' config class gives them (V2's config never writes scoring_func).
+    transformers = pytest.importorskip("transformers")
+    cls = {"deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config}[model_type]
+    hf = cls()
+    keys = ("norm_topk_prob", "routed_scaling_factor", "rms_norm_eps", "max_position_embeddings", "bos_token_id")
+    keys += ("eos_token_id", "n_group", "topk_group", "num_experts_per_tok")
+    bare = {k: v for k, v in RAW.items() if k not in (*keys, "scoring_func", "topk_method", "rope_interleave")}
+    bare["n_routed_experts"] = hf.n_routed_experts  # room for V3's default 8 groups, top-4 groups, top-8
+    if model_type == "deepseek_v2":  # V2's defaults take no groups and no top-k: give the one that is required
+        bare["num_experts_per_tok"] = RAW["num_experts_per_tok"]
+        keys = keys[:-1]
+    ours = ModelConfig.from_dict({**bare, "model_type": model_type})
+    for key in keys:
+        want = getattr(hf, key)
+        want = {"eos_token_id": (want,), "n_group": want or 1, "topk_group": want or 1}.get(key, want)
+        assert getattr(ours, key) == want, key
+    # What transformers' routers always do (they read neither key).
+    want = ("sigmoid", "noaux_tc") if model_type == "deepseek_v3" else ("softmax", hf.topk_method)
+    assert (ours.scoring_func, ours.topk_method) == want
+    assert ours.rope_interleave is getattr(hf, "rope_interleave", True)
+    # Given keys win over the defaults.
+    given = {"scoring_func": "sigmoid", "n_group": 1, "topk_group": 1, "eos_token_id": None}
+    ours = ModelConfig.from_dict({**bare, "model_type": model_type, **given})
+    assert (ours.scoring_func, ours.n_group, ours.topk_group, ours.eos_token_id) == ("sigmoid", 1, 1, ())

@@ -270,6 +270,45 @@ def test_absorbed_decode_equals_expanded(tiny: Tiny, backend: hal.Backend) -> No
     assert [absorbed.seq_len(i) for i in ids] == [len(s) for s in seqs]
 
 
+# DeepSeek-V2 as transformers saves it: its config has no scoring_func (its router always takes the
+# softmax, and greedy or group-limited top-k), so the loader must not fall back to V3's sigmoid.
+V2_VARIANTS: dict[str, dict[str, Any]] = {
+    "greedy": {"topk_method": "greedy"},
+    "group-limited": {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(V2_VARIANTS))
+def test_deepseek_v2_checkpoint_matches_transformers(variant: str, tmp_path: Path, backend: hal.Backend) -> None:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    v2 = {k: v for k, v in TINY.items() if k not in ("routed_scaling_factor", "max_position_embeddings")}
+    cfg = DeepseekV2Config(**v2, num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=None, **V2_VARIANTS[variant])
+    torch.manual_seed(20)
+    hf = DeepseekV2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # routers far from uniform: top-k and the group choice are really tested
+        for name, p in hf.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.5)
+    hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
+    hf.save_pretrained(tmp_path)
+    assert "scoring_func" not in json.loads((tmp_path / "config.json").read_text())
+
+    model = load_model(tmp_path, backend, dtype=torch.float32, progress=False)
+    assert model.cfg.scoring_func == "softmax"
+    prompts = random_prompts((6, 19), seed=6)
+    logits = model.prefill(model.new_cache(4), [0, 1], prompts, all_logits=True)
+    start = 0
+    for prompt in prompts:
+        err = rel_err(logits[start : start + len(prompt)], hf_logits(hf, prompt))
+        assert err <= TOL, f"{len(prompt)}-token prompt: relative error {err:.3g} > {TOL}"
+        start += len(prompt)
+    result = generate(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_ids=())
+    for i, prompt in enumerate(prompts):
+        ref = hf_greedy(hf, prompt, 12)
+        assert result.tokens[i] == ref, first_difference(result.tokens[i], ref)
+
+
 # ---------------------------------------------------------------------------------------------------
 # FP8
 # ---------------------------------------------------------------------------------------------------

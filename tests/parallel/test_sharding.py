@@ -46,6 +46,8 @@ ALIGNED_RAW = {
     "num_attention_heads": 4,
     "n_routed_experts": 4,
     "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
     "q_lora_rank": 128,
