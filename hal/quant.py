@@ -278,7 +278,9 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Used for weights ``[..., N, K]`` (a scale per output channel) and, by the reference, for
     activations ``[M, K]`` (a scale per token). ``scale = max(|row|) / 127``, 1 for an all-zero row;
-    ``q = round(x / scale)`` (half to even), in [-127, 127].
+    ``q = round(x / scale)`` (half to even), in [-127, 127]. A row holding NaN or inf gets a NaN or inf
+    scale, so what is computed from it is not finite either, as in float (NaN weights would otherwise
+    quantize to zeros, and a broken checkpoint run with zeroed rows instead of being caught).
 
     :param x: a floating tensor ``[..., K]``.
     :returns: ``(q int8 [..., K], scale float32 [...])``.
@@ -287,8 +289,9 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise OpInputError("quantize_int8_rows", "x", f"expected a floating tensor [..., K], got {_describe(x)}")
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / INT8_MAX)  # NaN stays NaN
+    # A non-finite row's codes do not matter (its scale carries the NaN / inf): 0, not a NaN cast to int8.
+    q = torch.round(xf / scale.unsqueeze(-1)).nan_to_num_(0.0).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 

@@ -434,6 +434,25 @@ def test_quantize_on_load(fp8_setup: dict[str, Any], caplog: pytest.LogCaptureFi
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("source", ["plain", "fp8"])
+def test_int8_of_a_nan_weight_is_not_zeros(fp8_setup: dict[str, Any], source: str, tmp_path: Path) -> None:
+    # A NaN in a weight (or in an FP8 checkpoint's scales) survives INT8 conversion: generation then
+    # stops on non-finite logits instead of running the model with that row zeroed.
+    from hal.model.generate import NonFiniteLogitsError, generate
+
+    d = Path(shutil.copytree(fp8_setup[source], tmp_path / source))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors = load_file(str(d / "model.safetensors"))
+    if source == "fp8":
+        name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
+    broken = tensors[name].clone()
+    broken.view(-1)[0] = float("nan")
+    _rewrite(d / "model.safetensors", {name: broken})
+    model = load_model(d, hal.get_backend("cpu"), quantize="int8", progress=False)
+    with pytest.raises(NonFiniteLogitsError, match="prefill"):
+        generate(model, [[1, 2, 3]], max_new_tokens=2)
+
+
 def test_progress_line(hf_dirs: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     n = len(expected_shapes(hf_dirs["cfg"]))
     load_weights(hf_dirs["single"], hf_dirs["cfg"])

@@ -73,3 +73,14 @@ def test_weight_rows_round_trip_within_half_a_step() -> None:
     q, s = quantize_int8_rows(w)
     assert q.shape == w.shape and s.shape == (3, 8)
     assert bool(((dequantize_int8_rows(q, s) - w).abs() <= s.unsqueeze(-1) * 0.5001).all())
+
+
+def test_non_finite_rows_stay_non_finite() -> None:
+    # NaN or inf in a row must not quantize to zeros (a broken checkpoint would run with zeroed rows).
+    x = torch.randn(4, 32)
+    x[1, 3], x[2, 5], x[3] = float("nan"), float("inf"), 0.0
+    q, s = quantize_int8_rows(x)
+    back = dequantize_int8_rows(q, s)
+    assert torch.isfinite(back[0]).all() and not torch.isfinite(back[1]).all() and not torch.isfinite(back[2]).all()
+    assert s[3] == 1.0 and torch.equal(back[3], torch.zeros(32))
+    assert q.abs().max() <= 127
