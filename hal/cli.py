@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import platform
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -271,6 +272,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+_ID = re.compile(r"-?[0-9]+")  # a negative id parses, and is refused as outside the vocabulary
+
+
 def parse_prompt_ids(text: str) -> list[list[int]]:
     """``"1,2,3;7,8"`` → ``[[1, 2, 3], [7, 8]]``: prompts separated by ``;``, ids by ``,`` (spaces allowed).
 
@@ -284,6 +288,8 @@ def parse_prompt_ids(text: str) -> list[list[int]]:
         ids = []
         for j, item in enumerate(items):
             try:
+                if not _ID.fullmatch(item):  # int() would also take '1_0', '+1' and non-ASCII digits
+                    raise ValueError(item)
                 ids.append(int(item))
             except ValueError:
                 raise RunError(
@@ -467,7 +473,7 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
     :returns: the backend, the prompts (``None``: random ones, drawn once the vocabulary is known) and the
         tokenizer (``None`` without ``--prompt``).
     """
-    from hal.model.generate import check_sampling
+    from hal.model.generate import check_sampling, check_seed
 
     if args.batch is not None and (args.prompt_ids is not None or args.prompt is not None):
         raise RunError("--batch: draws random prompts; it cannot be combined with --prompt-ids or --prompt")
@@ -478,6 +484,7 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
     if not 0 <= args.metrics_linger < math.inf:
         raise RunError(f"--metrics-linger: expected a finite number of seconds >= 0, got {args.metrics_linger}")
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    check_seed(args.seed, where="--seed")  # it seeds the random prompts and weights too, before any sampling
     prompts: list[list[int]] | None = None
     tokenizer = None
     # Read every input before loading a model, which can take minutes.

@@ -50,11 +50,27 @@ def test_parse_prompt_ids_splits_prompts_and_ids() -> None:
         ("1,2;", "prompt 1 is empty"),
         ("", "prompt 0 is empty"),
         ("1.5", "not an integer"),
+        ("1_0", "item 0 is '1_0', not an integer"),  # int() would read 10
+        ("+3", "not an integer"),
+        ("\u0663", "not an integer"),  # an Arabic-Indic 3
     ],
 )
 def test_parse_prompt_ids_rejects_malformed_text(text: str, match: str) -> None:
     with pytest.raises(RunError, match=match):
         parse_prompt_ids(text)
+
+
+def test_negative_ids_parse_and_are_left_to_the_vocabulary_check() -> None:
+    assert parse_prompt_ids("-1,2") == [[-1, 2]]
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
+def test_a_seed_torch_cannot_take_is_refused_before_anything_runs(
+    seed: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--seed", seed, "--max-new-tokens", "2", "--backend", "cpu"]) != 0
+    out, err = capsys.readouterr()
+    assert out == "" and "--seed: seed must lie in [-2**63, 2**64)" in err and "Traceback" not in err
 
 
 def test_random_prompts_are_seeded_and_of_different_lengths() -> None:

@@ -206,14 +206,17 @@ def check_prompts(
             raise GenerationError(
                 f"{where}: prompt {i} has {len(ids)} tokens, more than max_position_embeddings ({max_pos}); shorten it"
             )
-        # The last new token is returned, never fed back: positions run up to len + max_new_tokens - 2.
-        if len(ids) + max_new_tokens - 1 > max_pos:
-            raise GenerationError(
-                f"{where}: prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} the sequence "
-                f"would outgrow max_position_embeddings ({max_pos}); lower max_new_tokens to at most "
-                f"{max_pos - len(ids) + 1}"
-            )
         checked.append(ids)
+    # The last new token is returned, never fed back: positions run up to len + max_new_tokens - 2. The
+    # longest prompt is named, and the limit given is the whole batch's.
+    longest = max(range(len(checked)), key=lambda i: len(checked[i]))
+    n = len(checked[longest])
+    if n + max_new_tokens - 1 > max_pos:
+        raise GenerationError(
+            f"{where}: prompt {longest} has {n} tokens; with max_new_tokens={max_new_tokens} the sequence "
+            f"would outgrow max_position_embeddings ({max_pos}); lower max_new_tokens to at most {max_pos - n + 1}"
+            + (" (the longest prompt's limit)" if len(checked) > 1 else "")
+        )
     return checked
 
 

@@ -282,6 +282,8 @@ def test_low_temperature_sampling_is_greedy_and_does_not_overflow(cpu: hal.Backe
         ("abc", {}, "list of token-id lists"),
         ([[1] * 33], {}, "more than max_position_embeddings"),
         ([[1] * 30], {"max_new_tokens": 5}, "lower max_new_tokens to at most 3"),
+        # The limit given holds for the whole batch: the longest prompt's, whichever comes first.
+        ([[1] * 20, [1] * 25], {"max_new_tokens": 20}, r"prompt 1 has 25 tokens.*at most 8 \(the longest"),
         ([[1]], {"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
         ([[1]], {"temperature": -0.5}, "temperature must be finite and >= 0"),
         ([[1]], {"top_p": 0.0}, r"top_p must lie in \(0, 1\]"),
