@@ -13,8 +13,9 @@ Typical use, in a script started by ``torchrun --nproc-per-node N script.py``::
 torchrun sets), binds the process to device ``LOCAL_RANK`` for device backends (CUDA, NPU; never for
 CPU/gloo) and starts the default process group with the backend's ``capabilities.dist_backend``
 (``gloo``, ``nccl``, ``hccl``) and a timeout (``timeout_s``, else ``HAL_DIST_TIMEOUT`` seconds, else
-120 s). A launcher that builds its backend before :func:`init` calls :func:`bind_local_device` first,
-so the backend's start-up (device queries, a probe run) happens on the rank's own device, not device 0.
+120 s; at most one year). A launcher that builds its backend before :func:`init` calls
+:func:`bind_local_device` first, so the backend's start-up (device queries, a probe run) happens on the
+rank's own device, not device 0.
 
 Failure: the timeout is what the transport waits for a peer before it fails the collective. A peer
 that exits shows up on gloo at once as a connection reset; a peer that stalls shows up after the
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "ENV_VARS",
+    "MAX_TIMEOUT_S",
     "TIMEOUT_ENV",
     "DistInfo",
     "bind_local_device",
@@ -58,6 +60,11 @@ __all__ = [
 
 #: Seconds a collective waits for its peers when neither ``timeout_s`` nor ``HAL_DIST_TIMEOUT`` says.
 DEFAULT_TIMEOUT_S = 120.0
+#: The longest timeout accepted: one year. The transports turn the timeout into a deadline on a clock
+#: counting nanoseconds in 64 bits, which overflows near 9.2e9 s: from there on gloo the first collective
+#: hangs, start-up fails at once as "timed out", gloo refuses the timeout or Python's timedelta overflows,
+#: so a larger value is refused here, naming its source, rather than passed on.
+MAX_TIMEOUT_S = 31_536_000.0
 #: The environment variable giving the collective timeout in seconds.
 TIMEOUT_ENV = "HAL_DIST_TIMEOUT"
 #: The variables torchrun sets that :func:`init` needs.
@@ -95,7 +102,8 @@ _info: DistInfo | None = None
 
 
 def _resolve_timeout(timeout_s: float | None) -> float:
-    """``timeout_s``, else ``HAL_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`; positive and finite."""
+    """``timeout_s``, else ``HAL_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`; positive and at most
+    :data:`MAX_TIMEOUT_S`."""
     if timeout_s is None:
         raw = os.environ.get(TIMEOUT_ENV, "").strip()
         if not raw:
@@ -107,15 +115,20 @@ def _resolve_timeout(timeout_s: float | None) -> float:
         arg = TIMEOUT_ENV
     else:
         arg = "timeout_s"
-    if not (0 < timeout_s < float("inf")):
+    if not timeout_s > 0:  # NaN too
         raise OpInputError("distributed.init", arg, f"expected a positive number of seconds, got {timeout_s!r}")
+    if timeout_s > MAX_TIMEOUT_S:
+        raise OpInputError(
+            "distributed.init", arg, f"expected at most {MAX_TIMEOUT_S:.0f} seconds (one year), got {timeout_s!r}"
+        )
     return float(timeout_s)
 
 
 def configured_timeout() -> float:
     """The timeout :func:`init` uses without an argument: ``HAL_DIST_TIMEOUT``, else the default.
 
-    :raises hal.errors.OpInputError: the variable is not a positive, finite number of seconds.
+    :raises hal.errors.OpInputError: the variable is not a positive number of seconds up to
+        :data:`MAX_TIMEOUT_S` (one year).
     """
     return _resolve_timeout(None)
 
@@ -200,11 +213,11 @@ def init(backend: Backend | None = None, *, timeout_s: float | None = None) -> D
     :param backend: the HAL backend whose ``capabilities.dist_backend`` carries the collectives;
         ``None`` means :func:`hal.get_backend` (``HAL_BACKEND``, else the best available one).
     :param timeout_s: seconds a collective (and the start-up rendezvous) waits for its peers before
-        failing; ``None`` means ``HAL_DIST_TIMEOUT``, else 120.
+        failing, at most :data:`MAX_TIMEOUT_S` (one year); ``None`` means ``HAL_DIST_TIMEOUT``, else 120.
     :returns: this process's :class:`DistInfo`. A second call with the same settings returns the same one.
     :raises hal.errors.CollectiveError: torchrun's variables are missing or inconsistent, a process group
         exists already (made elsewhere, or by an earlier call with other settings), or the rendezvous failed.
-    :raises hal.errors.OpInputError: the timeout is not a positive number.
+    :raises hal.errors.OpInputError: the timeout is not a positive number of seconds up to one year.
     """
     global _info
     if backend is None:

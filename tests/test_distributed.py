@@ -139,6 +139,21 @@ def test_timeout_from_argument_environment_or_default(monkeypatch: pytest.Monkey
         hd._resolve_timeout(0)
 
 
+def test_timeout_above_one_year_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Far above a year the transports overflow (gloo hangs, times out at once, or raises): refused up front.
+    assert hd.MAX_TIMEOUT_S == 365 * 24 * 3600
+    assert hd._resolve_timeout(hd.MAX_TIMEOUT_S) == hd.MAX_TIMEOUT_S
+    for value in (hd.MAX_TIMEOUT_S + 1, 9e9, 1e15, float("inf")):
+        with pytest.raises(OpInputError, match=r"^distributed\.init: timeout_s: expected at most 31536000 seconds"):
+            hd._resolve_timeout(value)
+    monkeypatch.setenv(hd.TIMEOUT_ENV, "1e10")
+    with pytest.raises(OpInputError, match=rf"^distributed\.init: {hd.TIMEOUT_ENV}: .*31536000.*got 10000000000\.0"):
+        hd.configured_timeout()
+    monkeypatch.setenv(hd.TIMEOUT_ENV, "nan")
+    with pytest.raises(OpInputError, match="expected a positive number of seconds, got nan"):
+        hd.configured_timeout()
+
+
 def test_guard_names_the_collective_and_chains(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -840,25 +840,42 @@ def _check_collective_tensor(op: str, t: torch.Tensor) -> None:
 
 
 def _check_reduce(op: str, t: torch.Tensor, reduce: str) -> None:
+    """Refuse what the transports cannot reduce, before anything is sent: past this point a failure is
+    reported as a peer's (:func:`hal.distributed.collective_guard`), and an ``"avg"`` would fail only
+    after the sum was written."""
     if reduce not in _REDUCE_OPS:
         raise OpInputError(op, "op", f"expected one of {_REDUCE_OPS}, got {reduce!r}")
-    if t.dtype in _v.FP8S:
+    if t.dtype.is_floating_point and t.dtype.itemsize == 1:  # every fp8 format, whatever this torch has
         raise OpInputError(op, "t", f"cannot reduce {t.dtype}; reduce in bfloat16 or float32")
-    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # no transport reduces them
+    if t.dtype in (torch.int16, torch.uint16, torch.uint32, torch.uint64):  # neither gloo nor NCCL reduces them
         raise DTypeError(op, "t", f"cannot reduce {t.dtype}; reduce in int32 or int64")
+    if reduce == "avg" and t.dtype == torch.bool:
+        hint = '"max" (any rank true), "min" (every rank true), or reduce an integer or float copy'
+        raise OpInputError(op, "op", f'expected "sum", "max" or "min" for a bool tensor, got "avg"; use {hint}')
+
+
+def _check_in_place(op: str, t: torch.Tensor) -> None:
+    """Refuse a ``t`` whose elements share memory (an ``expand``-ed view): an in-place collective writes
+    each element its own result, which torch refuses only after the exchange, where it would read as a
+    peer's failure."""
+    if torch._debug_has_internal_overlap(t) == 1:  # 1: overlap for sure; 2: too hard to tell, let it be
+        got = f"shape {list(t.shape)} with strides {list(t.stride())} (an expanded view?)"
+        raise LayoutError(op, "t", f"expected no overlapping memory (written in place), got {got}; pass t.clone()")
 
 
 @_op("collective")
 def all_reduce(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.Tensor:
     """Reduce ``t`` across the ranks of ``group``, in place.
 
-    :param t: any non-fp8 tensor, the same shape on every rank.
-    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"``.
+    :param t: a tensor of any dtype but fp8, int16 and uint16/32/64, the same shape on every rank; no
+        two of its elements may share memory (it is written in place).
+    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"`` (not for bool; integers: truncated).
     :param group: a ``torch.distributed`` process group; ``None`` means the default (world) group.
     :returns: ``t``, holding the reduction.
     """
     _check_collective_tensor("all_reduce", t)
     _check_reduce("all_reduce", t, op)
+    _check_in_place("all_reduce", t)
     return _impl(t, op=op, group=group)
 
 
@@ -880,8 +897,9 @@ def all_gather(t: torch.Tensor, *, group: Any = None) -> torch.Tensor:
 def reduce_scatter(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.Tensor:
     """Reduce ``t`` across ranks, then give rank ``r`` the ``r``-th of world_size equal chunks of dim 0.
 
-    :param t: any non-fp8 tensor [world_size * n, ...], the same shape on every rank.
-    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"``.
+    :param t: a tensor of any dtype but fp8, int16 and uint16/32/64 [world_size * n, ...], the same shape
+        on every rank.
+    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"`` (not for bool; integers: truncated).
     :param group: process group; ``None`` means the world.
     :returns: [n, ...].
     """
@@ -935,12 +953,14 @@ def all_to_all(
 def broadcast(t: torch.Tensor, *, src: int = 0, group: Any = None) -> torch.Tensor:
     """Copy rank ``src``'s ``t`` into every rank's ``t``, in place.
 
-    :param t: any dtype (fp8 included), the same shape on every rank.
+    :param t: any dtype (fp8 included), the same shape on every rank; no two of its elements may share
+        memory (it is written in place).
     :param src: the sending rank (global rank).
     :param group: process group; ``None`` means the world.
     :returns: ``t``.
     """
     _check_collective_tensor("broadcast", t)
+    _check_in_place("broadcast", t)
     world = torch.distributed.get_world_size()
     if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < world:
         raise OpInputError("broadcast", "src", f"expected a global rank in [0, {world}), got {src!r}")

@@ -3,9 +3,12 @@
 These are the fallback of every backend, so they use only what every torch.distributed backend
 (gloo, nccl, RCCL, hccl) offers, and work around what some lack:
 
-- gloo rejects fp8 tensors, and fp8 support varies between transports. Collectives that only move
-  bytes (all_gather, all_to_all, broadcast) send 1-byte float tensors as ``uint8`` views and view the
-  result back: bit-exact and valid on every transport. Reductions of fp8 are refused by the catalogue.
+- gloo rejects fp8 tensors, and fp8 support varies between transports; gloo carries no int16, uint16,
+  uint32 or uint64 either. Collectives that only move bytes (all_gather, all_to_all, broadcast) send
+  1-byte float tensors as ``uint8`` views, and tensors of any other dtype outside the common set (bool,
+  int8, uint8, int32, int64, fp16, bf16, fp32, fp64, complex) as ``uint8`` views of their last dim,
+  and view the result back: bit-exact and valid on every transport. Reductions of fp8, int16 and
+  uint16/32/64 are refused by the catalogue.
 - ``ReduceOp.AVG`` is missing from gloo in older torch versions, and gloo's (torch 2.13) fails on
   integer tensors, so ``"avg"`` is a SUM followed by a division by the group's size.
 - gloo's ``reduce_scatter_tensor`` before torch 2.9 ignores ``op`` and always sums (its all-reduce
@@ -61,11 +64,29 @@ _all_gather_tensor: Callable[..., Any] = getattr(dist, "all_gather_single", None
 _reduce_scatter_tensor: Callable[..., Any] = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# The dtypes the transports carry as they are (gloo, the narrowest, carries exactly these, torch 2.13);
+# _wire sends any other as bytes.
+_NATIVE = frozenset(
+    {torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32}
+    | {torch.float64, torch.complex64, torch.complex128}
+)
+
+
 def _wire(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the transport can carry it: fp8 (and any 1-byte float) as a ``uint8`` view."""
-    if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+    """``t`` (contiguous) as the transport can carry it: fp8 (and any 1-byte float) as a ``uint8`` view, a
+    dtype some transport lacks (int16, uint16/32/64 on gloo) as a ``uint8`` view of its last dim.
+
+    The byte view keeps dim 0, which all_gather concatenates and all_to_all splits by rows, so a 0-dim
+    or 1-D tensor is first viewed as ``[n, 1]`` (its rows then become ``[n, itemsize]`` bytes). A view,
+    never a copy: what the transport writes into it lands in ``t``.
+    """
+    if t.dtype in _NATIVE:
+        return t
+    if t.dtype.itemsize == 1:
         return t.view(torch.uint8)
-    return t
+    if t.dim() < 2:
+        t = t.reshape(-1, 1)
+    return t.view(torch.uint8)
 
 
 def _reduce_op(op: str) -> Any:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hal
-from hal.errors import DTypeError, OpInputError, ShapeError
+from hal.errors import DTypeError, LayoutError, OpInputError, ShapeError
 from hal.ops.catalogue import CATALOGUE
 from hal.testing.dist import assert_passed, checks_in, run_checks
 from hal_cpu.reference import collectives as ref
@@ -43,6 +43,19 @@ def _same(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _bits(rank: int, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """Rank ``rank``'s input of ``dtype``: random bytes, so every byte of every element is checked."""
+    g = torch.Generator().manual_seed(rank)
+    return torch.randint(0, 256, (*shape, dtype.itemsize), generator=g, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+#: Dtypes gloo does not carry (it fails with "Invalid scalar type"): the reference sends them as bytes.
+NOT_ON_GLOO = (torch.int16, torch.uint16, torch.uint32, torch.uint64)
+#: What gloo carries as it is: the reference must not touch these.
+ON_GLOO = (torch.bool, torch.int8, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32)
+ON_GLOO += (torch.float64, torch.complex64, torch.complex128)
 
 
 # -- the checks: each runs on every rank, raises on a mismatch ---------------------------------------
@@ -169,6 +182,46 @@ def check_broadcast_non_contiguous(rank: int) -> None:
     _same(base, _x(0, 4, 2))
 
 
+def check_move_only_ops_send_what_gloo_lacks_as_bytes(rank: int) -> None:
+    recv = [SPLITS[src][rank] for src in range(WORLD)]
+    for dt in NOT_ON_GLOO:
+        for shape in ((3, 2), (3,)):
+            _same(ref.all_gather(_bits(rank, dt, *shape)), torch.cat([_bits(r, dt, *shape) for r in range(WORLD)]))
+        t = _bits(rank, dt)  # a scalar
+        assert ref.broadcast(t, src=1) is t
+        _same(t, _bits(1, dt))
+        base = _bits(rank, dt, 4, 2)
+        ref.broadcast(base.t(), src=0)
+        _same(base, _bits(0, dt, 4, 2))
+        for cols in ((), (5,)):  # rows of a 1-D tensor are elements: the splits count them, not bytes
+            t = _bits(rank, dt, sum(SPLITS[rank]), *cols)
+            out = ref.all_to_all(t, output_split_sizes=recv, input_split_sizes=SPLITS[rank])
+            sent = [_bits(src, dt, sum(SPLITS[src]), *cols).split(SPLITS[src])[rank] for src in range(WORLD)]
+            _same(out, torch.cat(sent))
+
+
+def check_what_gloo_cannot_do_is_refused_before_any_exchange(rank: int) -> None:
+    be = hal.get_backend("cpu")  # the validated ops
+    for name in ("all_reduce", "reduce_scatter"):
+        for dt in (torch.float8_e5m2, torch.float8_e4m3fnuz):
+            with pytest.raises(OpInputError, match=rf"^{name}: t: cannot reduce {dt}; reduce in bfloat16 or float32"):
+                getattr(be, name)(torch.zeros(4).to(dt))
+        with pytest.raises(DTypeError, match=rf"^{name}: t: cannot reduce torch.int16; reduce in int32 or int64"):
+            getattr(be, name)(torch.zeros(4, dtype=torch.int16))
+        flags = torch.tensor([True, False, rank == 0, False])
+        with pytest.raises(OpInputError, match=rf'^{name}: op: expected "sum", "max" or "min" for a bool tensor'):
+            getattr(be, name)(flags, op="avg")
+        _same(flags, torch.tensor([True, False, rank == 0, False]))  # refused before the sum was written into it
+    for name in ("all_reduce", "broadcast"):
+        with pytest.raises(LayoutError, match=rf"^{name}: t: expected no overlapping memory .*strides \[0\]"):
+            getattr(be, name)(torch.zeros(1).expand(4))
+    # Nothing was sent: the group is intact, and bool reductions with a bool result work.
+    flags = torch.tensor([True, False, rank == 0, False])
+    _same(be.all_reduce(flags.clone(), op="max"), torch.tensor([True, False, True, False]))
+    _same(be.all_reduce(flags.clone(), op="min"), torch.tensor([True, False, False, False]))
+    _same(be.all_reduce(flags.clone(), op="sum"), torch.tensor([True, False, True, False]))
+
+
 def check_barrier(rank: int) -> None:
     # Rank 1 arrives late: rank 0 must wait for it.
     if rank == 1:
@@ -207,6 +260,18 @@ def verdicts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str | N
         return run_checks(_CHECKS, out_dir=out_dir, world=WORLD, timeout_s=JOIN_TIMEOUT_S)
     except TimeoutError as e:
         pytest.fail(f"the 2-process gloo job did not finish: {e}")
+
+
+def test_wire_sends_as_bytes_only_what_the_transport_lacks() -> None:
+    for dt in ON_GLOO:
+        t = torch.zeros(2, 3, dtype=dt)
+        assert ref._wire(t) is t, dt
+    for dt in (*NOT_ON_GLOO, FP8, torch.float8_e5m2):
+        n = dt.itemsize
+        for shape, wire in (((2, 3), (2, 3 * n)), ((3,), (3, n) if n > 1 else (3,)), ((), (1, n) if n > 1 else ())):
+            t = torch.zeros(shape, dtype=dt)
+            got = ref._wire(t)
+            assert got.dtype == torch.uint8 and got.shape == wire and got.data_ptr() == t.data_ptr(), (dt, shape)
 
 
 def test_signatures_match_the_catalogue() -> None:
