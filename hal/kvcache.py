@@ -11,6 +11,7 @@ Plain, device-agnostic torch: the bookkeeping lives on the host, the storage on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -78,7 +79,19 @@ class PagedKVCache:
         if not isinstance(dtype, torch.dtype):
             raise KVCacheError(f"PagedKVCache: dtype must be a torch.dtype, got {dtype!r}")
         self.dtype = dtype
-        self._data = torch.zeros((num_layers, num_blocks, block_size, 1, entry_dim), dtype=dtype, device=device)
+        shape = (num_layers, num_blocks, block_size, 1, entry_dim)
+        try:
+            self._data = torch.zeros(shape, dtype=dtype, device=device)
+        except RuntimeError as exc:  # torch.OutOfMemoryError included; a size past int64 fails the same way
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not isinstance(exc, torch.OutOfMemoryError) and not ("alloc" in reason or "overflow" in reason):
+                raise
+            need = math.prod(shape) * dtype.itemsize
+            raise KVCacheError(
+                f"PagedKVCache: cannot allocate {need / 2**30:,.1f} GiB on {device} for {num_blocks} blocks of "
+                f"{block_size} tokens x {num_layers} layers x {entry_dim} {str(dtype).removeprefix('torch.')} "
+                f"values ({reason}); ask for fewer blocks: fewer or shorter sequences, or fewer new tokens"
+            ) from None
         # The storage's device, not torch.device(device): "cuda" becomes "cuda:0", which is what input
         # tensors report and what write() compares against.
         self.device = self._data.device

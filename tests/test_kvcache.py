@@ -255,6 +255,13 @@ def test_bad_construction_is_a_named_error(kwargs: dict[str, object]) -> None:
         PagedKVCache(**args)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("num_blocks", "reason"), [(2**40, "can't allocate"), (2**60, "overflow")])
+def test_a_cache_too_big_to_allocate_is_a_named_error(num_blocks: int, reason: str) -> None:
+    # 64 PiB (past any address space: malloc fails whatever the overcommit policy) and a size past int64.
+    with pytest.raises(KVCacheError, match=rf"cannot allocate [\d,.]+ GiB on cpu for {num_blocks} blocks.*{reason}"):
+        PagedKVCache(1, num_blocks, 512, dtype=torch.float16)
+
+
 def test_custom_block_size_and_repr() -> None:
     cache = PagedKVCache(1, 4, D, block_size=16, dtype=torch.float32)
     cache.add_sequence(0)
