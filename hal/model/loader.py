@@ -99,6 +99,8 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 #: A key only a DeepSeek multi-token-prediction layer has (it joins the embedding and the hidden state).
 _MTP_KEY = re.compile(r"model\.layers\.(\d+)\.eh_proj\.weight$")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 _LIST_LIMIT = 20
 
 
@@ -175,7 +177,6 @@ def load_weights(
     root = Path(model_dir)
     if not root.is_dir():
         raise ModelLoadError(f"{root}: no such model directory")
-    expected = expected_shapes(cfg)
     if parallel is not None:
         parallel.check(cfg)  # before any file is opened
     _check_fp8_blocks(root)
@@ -184,6 +185,8 @@ def load_weights(
     with ExitStack() as stack:
         handles = {path: _open(stack, path) for path in files}
         entries = _read_headers(root, handles, files)
+        _check_counts(root, cfg, entries)
+        expected = expected_shapes(cfg)
         scales = _check_entries(root, cfg, expected, entries)
 
         weights: dict[str, Weight] = {}
@@ -207,7 +210,11 @@ def load_weights(
                     raise ModelLoadError(f"{entry.path}: {name}: expected a floating tensor, got {t.dtype}")
                 elif name.endswith("e_score_correction_bias"):
                     # The routing bias decides top-k ties between close scores: it is float32 in every
-                    # DeepSeek checkpoint and the model routes in float32.
+                    # DeepSeek checkpoint and the model routes in float32. It only steers the choice, so a
+                    # NaN or inf in it changes the experts picked while every output stays finite: the one
+                    # broken tensor no later check could catch.
+                    if not bool(torch.isfinite(t).all()):
+                        raise ModelLoadError(f"{entry.path}: {name}: holds NaN or inf; the routing bias must be finite")
                     weights[name] = t.float()
                 elif quantize is not None and is_linear(name):
                     quantized = quantize_linear(t, quantize, fp8_dtype)
@@ -437,6 +444,24 @@ def _read_headers(root: Path, handles: Mapping[Path, Any], files: Mapping[Path, 
 # ---------------------------------------------------------------------------------------------------
 # Checking the headers against the config
 # ---------------------------------------------------------------------------------------------------
+
+
+def _check_counts(root: Path, cfg: ModelConfig, entries: Mapping[str, _Entry]) -> None:
+    """Raise if config.json has more layers or routed experts than the checkpoint holds, before the
+    expected keys are listed: a config far larger than its checkpoint (a mistyped ``num_hidden_layers``)
+    would otherwise be reported as millions of missing keys, or exhaust the memory listing them."""
+    layers = {int(m.group(1)) for key in entries if (m := _LAYER_KEY.match(key))}
+    problems = []
+    if cfg.num_hidden_layers > len(layers):
+        held = f"layers {min(layers)}..{max(layers)}" if layers else "no model.layers.* tensors"
+        problems.append(f"num_hidden_layers is {cfg.num_hidden_layers}, but the checkpoint holds {held}")
+    if cfg.n_routed_experts > 0 and cfg.first_k_dense_replace < cfg.num_hidden_layers:  # a MoE layer
+        experts = {int(m.group(1)) for key in entries if (m := _EXPERT_KEY.match(key))}
+        if cfg.n_routed_experts > len(experts):
+            held = f"experts {min(experts)}..{max(experts)}" if experts else "no routed experts (mlp.experts.*)"
+            problems.append(f"n_routed_experts is {cfg.n_routed_experts}, but the checkpoint holds {held}")
+    if problems:
+        raise ModelLoadError(f"{root}: config.json does not match the checkpoint: {'; '.join(problems)}")
 
 
 def _check_entries(

@@ -226,10 +226,35 @@ def test_missing_key(hf_dirs: dict[str, Any], single_copy: Path) -> None:
 
 def test_many_missing_keys_are_summarized(hf_dirs: dict[str, Any], tmp_path: Path) -> None:
     """A checkpoint of another model: the message lists the first 20 names and counts the rest."""
-    cfg = dataclasses.replace(hf_dirs["cfg"], num_hidden_layers=6)
+    cfg = dataclasses.replace(hf_dirs["cfg"], first_k_dense_replace=0)  # layer 0's experts are not there
     with pytest.raises(ModelLoadError, match=r"missing: .* and \d+ more") as info:
         load_weights(hf_dirs["single"], cfg, progress=False)
-    assert "model.layers.3.input_layernorm.weight" in str(info.value)
+    assert "model.layers.0.mlp.experts.0.down_proj.weight" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"num_hidden_layers": 10**8}, r"num_hidden_layers is 100000000, but the checkpoint holds layers 0\.\.2"),
+        ({"n_routed_experts": 10**8}, r"n_routed_experts is 100000000, but the checkpoint holds experts 0\.\.7"),
+        ({"num_hidden_layers": 4}, r"num_hidden_layers is 4, but the checkpoint holds layers 0\.\.2"),
+    ],
+    ids=str,
+)
+def test_a_config_larger_than_its_checkpoint_is_named(hf_dirs: dict[str, Any], change: dict, match: str) -> None:
+    # Before the expected keys are listed: 10**8 layers' or experts' names would exhaust the memory.
+    cfg = dataclasses.replace(hf_dirs["cfg"], **change)
+    with pytest.raises(ModelLoadError, match="config.json does not match the checkpoint: " + match):
+        load_weights(hf_dirs["single"], cfg, progress=False)
+
+
+def test_a_non_finite_routing_bias_is_refused(hf_dirs: dict[str, Any], single_copy: Path) -> None:
+    name = next(k for k in hf_dirs["state"] if k.endswith("e_score_correction_bias"))
+    bias = hf_dirs["state"][name].clone()
+    bias[1] = float("nan")
+    _rewrite(single_copy / "model.safetensors", {name: bias})
+    with pytest.raises(ModelLoadError, match=rf"{name}: holds NaN or inf; the routing bias must be finite"):
+        load_weights(single_copy, hf_dirs["cfg"], progress=False)
 
 
 def test_unexpected_key(hf_dirs: dict[str, Any], single_copy: Path) -> None:
