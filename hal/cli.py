@@ -386,21 +386,30 @@ def _checkpoint_fp8_names(model_dir: str) -> set[str] | None:
     return {k[: -len(suffix)] for k in keys if k.endswith(suffix)}
 
 
-def _check_layout(args: argparse.Namespace, backend: hal.Backend, world: int, prompts: list[list[int]] | None) -> None:
-    """Refuse, before the rendezvous and before any weight is built or read, a --tp/--ep run that cannot
-    go: a combination the world size refuses, sizes the config does not divide, --ep on a model without
-    routed experts, FP8 weights that --tp would cut off their 128-blocks, or prompts the model cannot take
-    (ids outside the vocabulary, too long)."""
+def _check_prompts(args: argparse.Namespace, prompts: list[list[int]]) -> None:
+    """Refuse, before any weight is built or read (and before the rendezvous), prompts the model cannot
+    take: ids outside the vocabulary, too long for ``max_position_embeddings`` with --max-new-tokens."""
     from hal.model import tiny_config
     from hal.model.config import ModelConfig
     from hal.model.generate import check_prompts
+
+    cfg = tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
+    # Ids a tokenizer produced are named as its, or the user hunts for them in what they typed.
+    where = "--prompt-ids" if args.prompt is None else f"--prompt (ids from {Path(args.model) / 'tokenizer.json'})"
+    check_prompts(prompts, cfg, args.max_new_tokens, where=where)
+
+
+def _check_layout(args: argparse.Namespace, backend: hal.Backend, world: int) -> None:
+    """Refuse, before the rendezvous and before any weight is built or read, a --tp/--ep run that cannot
+    go: a combination the world size refuses, sizes the config does not divide, --ep on a model without
+    routed experts, or FP8 weights that --tp would cut off their 128-blocks."""
+    from hal.model import tiny_config
+    from hal.model.config import ModelConfig
     from hal.model.loader import fp8_checkpoint_policy
     from hal.model.parallel import ParallelConfig, quantized_to_fp8
 
     par = ParallelConfig.create(args.tp, args.ep, rank=0, world_size=world)
     cfg = tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
-    if prompts is not None:
-        check_prompts(prompts, cfg, args.max_new_tokens)
     in_fp8: set[str] = set()
     if args.model is not None and fp8_checkpoint_policy(backend.capabilities, dequantize=args.dequantize_fp8) == "fp8":
         in_fp8 = _checkpoint_fp8_names(args.model) or set()
@@ -506,11 +515,13 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
         bind_local_device()  # build the backend on this rank's device, not device 0
     backend = hal.get_backend(args.backend)
     _check_quantize(args, backend)
+    if prompts is not None:
+        _check_prompts(args, prompts)
     size = world if world > 1 else max(args.tp, args.ep)  # one process: the world --tp/--ep ask for
     if world > 1 or (size > 1 and {args.tp, args.ep} <= {1, size}):
         # In one process too (when --tp/--ep name a world size): a layout the config cannot take is
         # refused before "launch with torchrun" is suggested.
-        _check_layout(args, backend, size, prompts)
+        _check_layout(args, backend, size)
     if world > 1:
         from hal.distributed import configured_timeout
 

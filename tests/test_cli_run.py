@@ -174,7 +174,7 @@ def test_prompt_ids_outside_the_vocabulary_exit_1_without_output(capsys: pytest.
     assert main(["run", "--prompt-ids", "1,2;5,1024", "--max-new-tokens", "2", "-q"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert "hal run: error: generate: prompt 1: token ids must lie in [0, 1024) (the vocabulary), got 1024" in err
+    assert "hal run: error: --prompt-ids: prompt 1: token ids must lie in [0, 1024) (the vocabulary), got 1024" in err
 
 
 def test_bad_sampling_values_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -284,3 +284,26 @@ def test_a_tokenizer_that_cannot_encode_is_an_error(
     captured = capsys.readouterr()
     assert "tokenizer.json cannot encode the prompt: unknown token in the model" in captured.err
     assert captured.out == ""
+
+
+def test_prompts_are_checked_before_the_weights_are_read(text_model_dir: Path, tmp_path: Path) -> None:
+    # Only config.json and tokenizer.json: a prompt the model cannot take is refused without reading a
+    # weight (the load would fail on the missing safetensors). Ids from the tokenizer are named as its.
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(text_model_dir / name, bare / name)
+    ids = run("--model", str(bare), "--prompt-ids", "1,2,40", "--max-new-tokens", "1")
+    assert ids.returncode != 0 and ids.stdout == ""
+    assert "--prompt-ids: prompt 0: token ids must lie in [0, 32) (the vocabulary), got 40 at position 2" in ids.stderr
+    long = run("--model", str(bare), "--prompt-ids", ",".join(["1"] * 100), "--max-new-tokens", "40")
+    assert "--prompt-ids: prompt 0 has 100 tokens; with max_new_tokens=40" in long.stderr
+    # A tokenizer whose ids run past the model's vocabulary (here: one word moved to id 50).
+    data = json.loads((bare / "tokenizer.json").read_text())
+    data["model"]["vocab"]["world"] = 50
+    (bare / "tokenizer.json").write_text(json.dumps(data))
+    text = run("--model", str(bare), "--prompt", "hello world", "--max-new-tokens", "1")
+    assert text.returncode != 0 and "safetensors" not in text.stderr
+    assert f"--prompt (ids from {bare / 'tokenizer.json'}): prompt 0: token ids must lie in [0, 32)" in text.stderr

@@ -338,7 +338,7 @@ def two_ranks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         (["--ep", "2", "--quantize", "int8", "--dequantize-fp8"], "--dequantize-fp8: loads an FP8 checkpoint"),
         (["--tp", "2", "--top-p", "0"], "generate: top_p must lie in (0, 1]"),
         (["--tp", "3"], "--tp 3 on 2 process(es)"),
-        (["--tp", "2", "--prompt-ids", "1,2;3,5000"], "generate: prompt 1: token ids must lie in [0, 1024)"),
+        (["--tp", "2", "--prompt-ids", "1,2;3,5000"], "--prompt-ids: prompt 1: token ids must lie in [0, 1024)"),
     ],
 )
 def test_hal_run_checks_before_the_rendezvous_and_rank_0_alone_says_it(
