@@ -39,7 +39,7 @@ from hal.errors import BenchError, HALError
 from hal.registry import Registry
 
 if TYPE_CHECKING:
-    from hal.model import DeepseekModel
+    from hal.model import DeepseekModel, ModelConfig
     from hal.model.parallel import ParallelConfig
     from hal.serving.metrics import ServingMetrics
 
@@ -386,30 +386,43 @@ def _checkpoint_fp8_names(model_dir: str) -> set[str] | None:
     return {k[: -len(suffix)] for k in keys if k.endswith(suffix)}
 
 
-def _check_prompts(args: argparse.Namespace, prompts: list[list[int]]) -> None:
-    """Refuse, before any weight is built or read (and before the rendezvous), prompts the model cannot
-    take: ids outside the vocabulary, too long for ``max_position_embeddings`` with --max-new-tokens."""
+def _run_config(args: argparse.Namespace) -> ModelConfig:
+    """The config ``hal run`` builds: the built-in tiny one, or ``--model``'s config.json."""
     from hal.model import tiny_config
     from hal.model.config import ModelConfig
+
+    return tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
+
+
+def _checked_prompts(args: argparse.Namespace, prompts: list[list[int]] | None) -> list[list[int]]:
+    """The prompts (``None``: ``--batch`` seeded random ones, drawn from config.json's vocabulary), refused
+    before any weight is built or read (and before the rendezvous) where the model cannot take them: ids
+    outside the vocabulary, too long for ``max_position_embeddings`` with --max-new-tokens."""
     from hal.model.generate import check_prompts
 
-    cfg = tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
-    # Ids a tokenizer produced are named as its, or the user hunts for them in what they typed.
-    where = "--prompt-ids" if args.prompt is None else f"--prompt (ids from {Path(args.model) / 'tokenizer.json'})"
-    check_prompts(prompts, cfg, args.max_new_tokens, where=where)
+    cfg = _run_config(args)
+    # Each source is named: ids a tokenizer produced as its, random ones as such, or the user hunts for
+    # them in what they typed.
+    if prompts is None:
+        batch = 4 if args.batch is None else args.batch
+        prompts = random_prompts(batch, cfg.vocab_size, args.seed)
+        where = f"{batch} random prompt(s) of 8-32 tokens (no --prompt-ids or --prompt)"
+    elif args.prompt is None:
+        where = "--prompt-ids"
+    else:
+        where = f"--prompt (ids from {Path(args.model) / 'tokenizer.json'})"
+    return check_prompts(prompts, cfg, args.max_new_tokens, where=where)
 
 
 def _check_layout(args: argparse.Namespace, backend: hal.Backend, world: int) -> None:
     """Refuse, before the rendezvous and before any weight is built or read, a --tp/--ep run that cannot
     go: a combination the world size refuses, sizes the config does not divide, --ep on a model without
     routed experts, or FP8 weights that --tp would cut off their 128-blocks."""
-    from hal.model import tiny_config
-    from hal.model.config import ModelConfig
     from hal.model.loader import fp8_checkpoint_policy
     from hal.model.parallel import ParallelConfig, quantized_to_fp8
 
     par = ParallelConfig.create(args.tp, args.ep, rank=0, world_size=world)
-    cfg = tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
+    cfg = _run_config(args)
     in_fp8: set[str] = set()
     if args.model is not None and fp8_checkpoint_policy(backend.capabilities, dequantize=args.dequantize_fp8) == "fp8":
         in_fp8 = _checkpoint_fp8_names(args.model) or set()
@@ -475,12 +488,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 shutdown()
 
 
-def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, list[list[int]] | None, Any]:
+def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, list[list[int]], Any]:
     """Everything ``hal run`` checks and reads before a process group or a model: the options together,
     the sampling values, the prompts, the backend (on this rank's device) and the parallel layout.
 
-    :returns: the backend, the prompts (``None``: random ones, drawn once the vocabulary is known) and the
-        tokenizer (``None`` without ``--prompt``).
+    :returns: the backend, the prompts (given, or ``--batch`` random ones) and the tokenizer (``None``
+        without ``--prompt``).
     """
     from hal.model.generate import check_sampling, check_seed
 
@@ -515,8 +528,7 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
         bind_local_device()  # build the backend on this rank's device, not device 0
     backend = hal.get_backend(args.backend)
     _check_quantize(args, backend)
-    if prompts is not None:
-        _check_prompts(args, prompts)
+    prompts = _checked_prompts(args, prompts)
     size = world if world > 1 else max(args.tp, args.ep)  # one process: the world --tp/--ep ask for
     if world > 1 or (size > 1 and {args.tp, args.ep} <= {1, size}):
         # In one process too (when --tp/--ep name a world size): a layout the config cannot take is
@@ -535,7 +547,7 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
 def _execute_run(
     args: argparse.Namespace,
     backend: hal.Backend,
-    prompts: list[list[int]] | None,
+    prompts: list[list[int]],
     tokenizer: Any,
     parallel: ParallelConfig | None,
 ) -> int:
@@ -565,7 +577,7 @@ def _execute_run(
 def _generate_and_report(
     args: argparse.Namespace,
     backend: hal.Backend,
-    prompts: list[list[int]] | None,
+    prompts: list[list[int]],
     tokenizer: Any,
     parallel: ParallelConfig | None,
     metrics: ServingMetrics | None,
@@ -589,9 +601,6 @@ def _generate_and_report(
             progress=not args.quiet,
             parallel=parallel,
         )
-    if prompts is None:
-        batch = 4 if args.batch is None else args.batch
-        prompts = random_prompts(batch, model.cfg.vocab_size, args.seed)
     if args.warmup:
         # The first calls pay one-time costs (kernel selection, allocator growth, lazy initialization) that
         # would otherwise be charged to the reported rates: run one short sequence first, untimed.

@@ -300,6 +300,9 @@ def test_prompts_are_checked_before_the_weights_are_read(text_model_dir: Path, t
     assert "--prompt-ids: prompt 0: token ids must lie in [0, 32) (the vocabulary), got 40 at position 2" in ids.stderr
     long = run("--model", str(bare), "--prompt-ids", ",".join(["1"] * 100), "--max-new-tokens", "40")
     assert "--prompt-ids: prompt 0 has 100 tokens; with max_new_tokens=40" in long.stderr
+    drawn = run("--model", str(bare), "--batch", "2", "--max-new-tokens", "120")
+    drawn_prompts = "2 random prompt(s) of 8-32 tokens (no --prompt-ids or --prompt)"
+    assert f"error: {drawn_prompts}: prompt 1 has 32 tokens" in drawn.stderr
     # A tokenizer whose ids run past the model's vocabulary (here: one word moved to id 50).
     data = json.loads((bare / "tokenizer.json").read_text())
     data["model"]["vocab"]["world"] = 50
