@@ -20,7 +20,13 @@ rank's own device, not device 0.
 Failure: the timeout is what the transport waits for a peer before it fails the collective. A peer
 that exits shows up on gloo at once as a connection reset; a peer that stalls shows up after the
 timeout. :func:`collective_guard` turns either into a :class:`hal.errors.CollectiveError` naming the
-collective, this rank and the timeout, so no rank hangs and every message says what happened.
+collective, this rank and the timeout, so no rank hangs and every message says what happened. The
+transports do not say which peer failed (gloo gives an address at most). A peer that exits is named by
+torchrun, which then stops the other ranks; for a collective that timed out, every rank that
+:func:`init` started beats a heartbeat into the process group's store (every :data:`HEARTBEAT_S`
+seconds, with the collective it is in), and the failed collective watches the others' for
+:data:`PEER_WATCH_S` seconds and names the ranks whose heartbeat stopped (exited, killed or hung) and
+the live ones that are not in the same collective (stalled elsewhere, or in another collective).
 
 Importing this module has no side effects: nothing touches ``torch.distributed`` or a device until
 :func:`init` is called.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import datetime
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +54,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "ENV_VARS",
+    "HEARTBEAT_S",
     "MAX_TIMEOUT_S",
+    "PEER_WATCH_S",
     "TIMEOUT_ENV",
     "DistInfo",
     "bind_local_device",
@@ -69,6 +78,10 @@ MAX_TIMEOUT_S = 31_536_000.0
 TIMEOUT_ENV = "HAL_DIST_TIMEOUT"
 #: The variables torchrun sets that :func:`init` needs.
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+#: Seconds between two heartbeats of a rank in the process group's store.
+HEARTBEAT_S = 0.5
+#: Seconds a failed collective watches the other ranks' heartbeats before naming the ones that stopped.
+PEER_WATCH_S = 4 * HEARTBEAT_S
 
 # Errors a torch.distributed transport raises when a peer is gone or late. DistBackendError (and its
 # subclasses) derive from RuntimeError; it is named for clarity where this torch has it.
@@ -259,6 +272,13 @@ def init(backend: Backend | None = None, *, timeout_s: float | None = None) -> D
                 timeout=datetime.timedelta(seconds=timeout),
             )
         _info = want
+        global _heartbeat
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError, ValueError):  # a torch without it: failures name no peer
+            store = None
+        if store is not None and world > 1:
+            _heartbeat = _Heartbeat(store, rank, world)
         return want
 
 
@@ -269,11 +289,93 @@ def info() -> DistInfo | None:
 
 def shutdown() -> None:
     """Destroy the default process group (whoever started it); does nothing when there is none."""
-    global _info
+    global _info, _heartbeat
     with _lock:
+        if _heartbeat is not None:
+            _heartbeat.stop()
+            _heartbeat = None
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         _info = None
+
+
+class _Heartbeat:
+    """This rank's heartbeat: a daemon thread writing ``<beat> <state>`` under ``hal/heartbeat/<rank>`` in
+    the process group's store every :data:`HEARTBEAT_S` seconds, where ``state`` is what
+    :func:`collective_guard` records (``in all_reduce #12``, ``after all_reduce #12``). It stops at
+    :func:`shutdown`, or by itself when the store is gone."""
+
+    PREFIX = "hal/heartbeat/"
+
+    def __init__(self, store: Any, rank: int, world: int) -> None:
+        self.store, self.rank, self.world = store, rank, world
+        self.state = "before any collective"
+        self.entered = 0  # collectives entered (the outermost guard of each)
+        self.depth = 0
+        self._stop = threading.Event()
+        self._beat(0)  # there before init returns: a peer that never beats is told from one not yet seen
+        self._thread = threading.Thread(target=self._run, name=f"hal-heartbeat-{rank}", daemon=True)
+        self._thread.start()
+
+    def _beat(self, n: int) -> None:
+        self.store.set(f"{self.PREFIX}{self.rank}", f"{n} {self.state}")
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.wait(HEARTBEAT_S):
+            n += 1
+            try:
+                self._beat(n)
+            except Exception:  # the store is gone (its host exited): nothing left to beat into
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def enter(self, op: str) -> None:
+        self.depth += 1
+        if self.depth == 1:
+            self.entered += 1
+            self.state = f"in {op} #{self.entered}"
+
+    def leave(self, op: str) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.state = f"after {op} #{self.entered}"
+
+    def _read(self) -> dict[int, tuple[int, str] | None]:
+        """Every other rank's ``(beat, state)``; ``None`` for one that has none."""
+        out: dict[int, tuple[int, str] | None] = {}
+        for r in range(self.world):
+            key = f"{self.PREFIX}{r}"
+            if r != self.rank:
+                beat, _, state = self.store.get(key).decode().partition(" ") if self.store.check([key]) else ("",) * 3
+                out[r] = (int(beat), state) if beat else None
+        return out
+
+    def peers(self) -> str:
+        """What the other ranks are doing, watched for :data:`PEER_WATCH_S` seconds: the ranks whose
+        heartbeat stopped, and the live ones not in this rank's collective; ``""`` when nothing is known."""
+        mine = self.state
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=PEER_WATCH_S))  # a dead store must not hold us
+            first = self._read()
+            time.sleep(PEER_WATCH_S)
+            last = self._read()
+        except Exception:  # the store went with its host: torchrun's agent, or rank 0 outside torchrun
+            return "the process group's store is unreachable (the process hosting it exited)"
+        stopped = [r for r in last if last[r] is None or first[r] is None or last[r] == first[r]]
+        elsewhere = [f"rank {r} is {s[1]}" for r in last if r not in stopped and (s := last[r]) and s[1] != mine]
+        said = []
+        if stopped:
+            ranks = ", ".join(str(r) for r in stopped)
+            said.append(f"rank(s) {ranks} stopped (no heartbeat for {PEER_WATCH_S:g} s: exited, killed or hung)")
+        if elsewhere:
+            said.append(f"this rank is {mine}, but {', '.join(elsewhere)}")
+        return "; ".join(said)
+
+
+_heartbeat: _Heartbeat | None = None
 
 
 def _where(group: Any) -> str:
@@ -298,12 +400,19 @@ def collective_guard(op: str, *, group: Any = None, timeout_s: float | None = No
     A ``RuntimeError`` (``torch.distributed.DistBackendError`` included) or ``TimeoutError`` raised in the
     block becomes ``CollectiveError("all_reduce: rank 0 of 2: <reason>; a peer may have exited or stalled
     (timeout 120 s)")``, chained from the original. A ``CollectiveError`` passes through unchanged, so
-    guards nest.
+    guards nest. In a group :func:`init` started, the block is this rank's current collective in its
+    heartbeat, and a timeout first watches the other ranks' heartbeats (:data:`PEER_WATCH_S` seconds) and
+    names those that stopped and those in another collective or none: ``"all_reduce: rank 0 of 2: Timed
+    out waiting 120000ms for recv operation to complete; this rank is in all_reduce #7, but rank 1 is
+    after all_reduce #6 (timeout 120 s)"``.
 
     :param op: the collective's name, as the message should show it.
     :param group: the process group the collective runs on (for the rank shown); ``None`` means the world.
     :param timeout_s: the timeout to report; ``None`` means the one :func:`init` set, else the configured one.
     """
+    beat = _heartbeat
+    if beat is not None:
+        beat.enter(op)
     try:
         yield
     except CollectiveError:
@@ -312,9 +421,15 @@ def collective_guard(op: str, *, group: Any = None, timeout_s: float | None = No
         if timeout_s is None:
             timeout_s = _info.timeout_s if _info is not None else _configured_timeout()
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CollectiveError(
-            f"{op}: {_where(group)}: {reason}; a peer may have exited or stalled (timeout {timeout_s:g} s)"
-        ) from e
+        # Only a timeout is worth PEER_WATCH_S more: a peer that exited fails the collective at once, and
+        # torchrun, which stops the other ranks then, names it itself (a watch would lose this report).
+        timed_out = isinstance(e, TimeoutError) or "timed out" in reason.lower() or "timeout" in reason.lower()
+        peers = beat.peers() if beat is not None and timed_out else ""
+        peers = peers or "a peer may have exited or stalled"
+        raise CollectiveError(f"{op}: {_where(group)}: {reason}; {peers} (timeout {timeout_s:g} s)") from e
+    finally:
+        if beat is not None:
+            beat.leave(op)
 
 
 def _configured_timeout() -> float:

@@ -9,6 +9,7 @@ test runs the real ``torchrun``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import textwrap
 import time
@@ -66,6 +67,13 @@ def _work_stalled_peer(rank: int) -> dict[str, Any]:
     return _timed_all_reduce()
 
 
+def _work_frozen_peer(rank: int) -> dict[str, Any]:
+    hd.init(hal.get_backend("cpu"), timeout_s=FAIL_TIMEOUT_S)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen whole, heartbeat included, its connections open
+    return _timed_all_reduce()
+
+
 def _timed_all_reduce() -> dict[str, Any]:
     t = torch.ones(4)
     start = time.monotonic()
@@ -81,6 +89,7 @@ _WORK: dict[str, Callable[[int], dict[str, Any]]] = {
     "init_all_reduce": _work_init_all_reduce,
     "killed_peer": _work_killed_peer,
     "stalled_peer": _work_stalled_peer,
+    "frozen_peer": _work_frozen_peer,
 }
 
 
@@ -199,6 +208,8 @@ def test_killed_rank_fails_the_survivor_fast(tmp_path: Path) -> None:
     assert res is not None and "crash" not in res, res
     assert res["error"] == "CollectiveError", res
     assert res["message"].startswith("all_reduce: rank 0 of 2: "), res
+    # At once (no heartbeat watch: torchrun names a peer that exited, and stops the other ranks soon after).
+    assert res["message"].endswith("; a peer may have exited or stalled (timeout 5 s)"), res
     assert f"(timeout {FAIL_TIMEOUT_S:g} s)" in res["message"]
     assert res["elapsed"] < FAIL_TIMEOUT_S + MARGIN_S, res
 
@@ -209,6 +220,18 @@ def test_stalled_rank_fails_the_other_within_the_timeout(tmp_path: Path) -> None
     assert res is not None and "crash" not in res, res
     assert res["error"] == "CollectiveError", res
     assert res["message"].startswith("all_reduce: rank 0 of 2: "), res
+    # The peer is alive (its heartbeat goes on) but never entered the collective: said so.
+    assert "this rank is in all_reduce #1, but rank 1 is before any collective" in res["message"], res
+    assert FAIL_TIMEOUT_S * 0.5 <= res["elapsed"] < FAIL_TIMEOUT_S + MARGIN_S, res
+
+
+@pytest.mark.distributed
+def test_a_frozen_rank_is_named_after_the_timeout(tmp_path: Path) -> None:
+    # A peer that neither exits nor answers (stopped whole, as a hang in C code would be): the collective
+    # times out, and the heartbeat watch names the rank whose heartbeat stopped.
+    res = _run("frozen_peer", tmp_path, wait_for=(0,))[0]
+    assert res is not None and res["error"] == "CollectiveError", res
+    assert "; rank(s) 1 stopped (no heartbeat for 2 s: exited, killed or hung) (timeout 5 s)" in res["message"], res
     assert FAIL_TIMEOUT_S * 0.5 <= res["elapsed"] < FAIL_TIMEOUT_S + MARGIN_S, res
 
 

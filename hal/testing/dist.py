@@ -166,7 +166,7 @@ def run_ranks(
         for p in ctx.processes:
             p.join(2)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # SIGKILL: a rank stopped (SIGSTOP) or hung in C code ends too
                 p.join(5)
         del store  # the ranks are gone: close the server
     return [json.loads(f.read_text()) if f.exists() else None for f in files]
