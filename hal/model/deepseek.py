@@ -102,9 +102,11 @@ class DeepseekModel:
 
     :param cfg: the architecture.
     :param backend: where every op runs (``hal.get_backend()``).
-    :param weights: checkpoint-named weights (:func:`hal.model.weights.expected_shapes`), plain tensors
-        or :class:`~hal.model.weights.Fp8Weight` for linear layers. They are moved to the backend's
-        device; floating tensors are cast to ``dtype`` (FP8 weights stay FP8).
+    :param weights: checkpoint-named weights (:func:`hal.model.weights.expected_shapes`), plain tensors,
+        or :class:`~hal.model.weights.Fp8Weight` / :class:`~hal.model.weights.Int8Weight` for linear
+        layers. They are moved to the backend's device; floating tensors are cast to ``dtype``; quantized
+        weights stay quantized, except an ``Fp8Weight`` whose K is not a multiple of 128 (which no
+        block-scaled GEMM takes), dequantized to ``dtype``.
     :param dtype: activation and weight dtype (``float32``, ``bfloat16``, ``float16``).
     :param parallel: this rank's share of a tensor- / expert-parallel model; ``weights`` are then the
         rank's own (:func:`hal.model.parallel.shard_state_dict`, or the loader's ``parallel``), checked

@@ -10,8 +10,9 @@ Checkpoint layouts: one ``model.safetensors``; shards listed by ``model.safetens
 (``weight_map``: key → file); or, with neither, every ``*.safetensors`` in the directory.
 
 FP8 (DeepSeek's format): a linear weight stored as float8 ``X.weight`` with a float32
-``X.weight_scale_inv [ceil(N / 128), ceil(K / 128)]`` becomes an :class:`~hal.model.weights.Fp8Weight`,
-or a dequantized tensor when the backend has no FP8. Multi-token-prediction layers (a
+``X.weight_scale_inv [ceil(N / 128), ceil(K / 128)]`` becomes an :class:`~hal.model.weights.Fp8Weight`
+on a backend with FP8, a W8A8 :class:`~hal.model.weights.Int8Weight` on one with INT8 only, and a
+dequantized tensor on one with neither (:func:`fp8_checkpoint_policy`). Multi-token-prediction layers (a
 ``model.layers.{i}`` past ``num_hidden_layers`` that has MTP's ``eh_proj``) are skipped with a log
 line: HAL does not run MTP. Any other layer past ``num_hidden_layers`` is reported as unexpected.
 """
@@ -145,9 +146,10 @@ def load_weights(
         ``model.safetensors.index.json``).
     :param cfg: the architecture; its :func:`~hal.model.weights.expected_shapes` are the keys read.
     :param dtype: floating dtype of every non-FP8 weight (``e_score_correction_bias`` stays float32).
-    :param quantize: ``None``, or ``"fp8"`` to quantize every linear weight whose K (last dim) is a
-        multiple of 128 to :class:`~hal.model.weights.Fp8Weight` (128×128 blocks); the others stay
-        ``dtype``.
+    :param quantize: ``None``; ``"fp8"`` to quantize every linear weight whose K (last dim) is a
+        multiple of 128 to :class:`~hal.model.weights.Fp8Weight` (128×128 blocks), the others staying
+        ``dtype``; or ``"int8"`` to quantize every linear weight (an FP8 checkpoint's included) to W8A8
+        :class:`~hal.model.weights.Int8Weight` (one scale per output channel).
     :param fp8_dtype: float8_e4m3fn | float8_e4m3fnuz: the FP8 format of returned ``Fp8Weight`` s
         (a checkpoint's FP8 data in the other format is converted, scales adjusted).
     :param dequantize_fp8: return an FP8 checkpoint's linear weights dequantized to ``dtype`` (for a
@@ -162,7 +164,8 @@ def load_weights(
     :returns: checkpoint-named weights, in :func:`~hal.model.weights.expected_shapes` order, on the CPU.
     :raises ModelLoadError: missing directory or files, corrupt files, missing, unexpected or mis-shaped
         keys, an FP8 weight without its scale (all problems found are listed together).
-    :raises ValueError: ``quantize`` not one of ``None``/``"fp8"``, or together with ``dequantize_fp8``.
+    :raises ValueError: ``quantize`` not one of ``None``/``"fp8"``/``"int8"``, or together with
+        ``dequantize_fp8``.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"load_weights: quantize: expected one of {list(QUANTIZE_CHOICES)}, got {quantize!r}")
@@ -205,6 +208,7 @@ def load_weights(
                     w = _fp8(handles, entries, name, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
                     if fp8_to_int8 and isinstance(w, Fp8Weight):
                         w = Int8Weight(*quantize_int8_rows(dequantize_fp8_blocks(w.q, w.scale, block=FP8_BLOCK)))
+                        n_quantized += 1  # counted with the others under --quantize int8
                     weights[name] = w
                 elif not t.is_floating_point():
                     raise ModelLoadError(f"{entry.path}: {name}: expected a floating tensor, got {t.dtype}")

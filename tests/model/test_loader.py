@@ -25,7 +25,7 @@ import hal
 from hal.backend import Backend
 from hal.model.config import ModelConfig
 from hal.model.loader import ModelLoadError, load_model, load_weights, save_fp8_checkpoint
-from hal.model.weights import Fp8Weight, expected_shapes, is_linear, random_state_dict
+from hal.model.weights import Fp8Weight, Int8Weight, expected_shapes, is_linear, random_state_dict
 from hal.quant import dequantize_fp8_blocks, quantize_fp8_blocks
 
 transformers = pytest.importorskip("transformers")
@@ -478,6 +478,15 @@ def test_int8_of_a_nan_weight_is_not_zeros(fp8_setup: dict[str, Any], source: st
         generate(model, [[1, 2, 3]], max_new_tokens=2)
 
 
+def test_int8_of_an_fp8_checkpoint_counts_the_converted_weights(
+    fp8_setup: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hal")
+    weights = load_weights(fp8_setup["fp8"], fp8_setup["cfg"], quantize="int8", fp8_to_int8=True, progress=False)
+    n = sum(isinstance(w, Int8Weight) for w in weights.values())
+    assert n > 0 and f"quantized {n} linear weights to W8A8 INT8" in caplog.text
+
+
 def test_progress_line(hf_dirs: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     n = len(expected_shapes(hf_dirs["cfg"]))
     load_weights(hf_dirs["single"], hf_dirs["cfg"])
@@ -502,7 +511,6 @@ def test_load_model_builds_model(hf_dirs: dict[str, Any], fp8_setup: dict[str, A
     """The only test here that builds the model: an FP8 checkpoint is kept FP8 on an FP8 backend,
     converted to W8A8 INT8 on one with INT8 only, dequantized on one with neither."""
     from hal.model.deepseek import DeepseekModel
-    from hal.model.weights import Fp8Weight, Int8Weight
 
     cpu = hal.get_backend("cpu")
     model = load_model(hf_dirs["single"], cpu, progress=False)
