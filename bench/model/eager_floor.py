@@ -9,7 +9,8 @@ each MoE layer's router, shared expert and the ``top_k`` routed experts the toke
 ``--experts loop`` (the default) runs the picked experts one by one with ``F.linear`` on views of the
 stacked weights (the host reads the ids, as HAL's reference grouped GEMM does); ``--experts gather``
 indexes the stacked weights with the id tensor and reduces, which needs no host read (so
-``torch.compile`` can take the whole step as one graph) but copies the picked experts' weights.
+``torch.compile`` can take the whole step as one graph, and fuses the gather into the reductions) but
+in eager mode copies the picked experts' weights.
 ``--compile`` runs the step through ``torch.compile`` (inductor) with static shapes; the warm-up then
 includes the compilation.
 
@@ -109,7 +110,7 @@ def _step_fn(c: dict[str, Any], gather: bool) -> Any:
 
     def step(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = top["embed"][tok]  # [1, H]
-        cs = top["cos_sin"][pos]
+        cs = top["cos_sin"].index_select(0, pos.view(1))[0]  # not [pos]: indexing by a 0-d tensor reads it
         seen = positions <= pos
         for d in layers:
             x = rms(h, d["ln1"])
