@@ -357,13 +357,20 @@ class _Heartbeat:
         """What the other ranks are doing, watched for :data:`PEER_WATCH_S` seconds: the ranks whose
         heartbeat stopped, and the live ones not in this rank's collective; ``""`` when nothing is known."""
         mine = self.state
+        before = getattr(self.store, "timeout", None)
         try:
             self.store.set_timeout(datetime.timedelta(seconds=PEER_WATCH_S))  # a dead store must not hold us
             first = self._read()
             time.sleep(PEER_WATCH_S)
             last = self._read()
-        except Exception:  # the store went with its host: torchrun's agent, or rank 0 outside torchrun
-            return "the process group's store is unreachable (the process hosting it exited)"
+        except Exception:  # the store's host (torchrun's agent, or rank 0 outside torchrun) exited or froze
+            return "the process group's store does not answer (the process hosting it exited or is frozen)"
+        finally:
+            if before is not None:
+                try:
+                    self.store.set_timeout(before)
+                except Exception:  # a store that is gone keeps whatever timeout it had
+                    pass
         stopped = [r for r in last if last[r] is None or first[r] is None or last[r] == first[r]]
         elsewhere = [f"rank {r} is {s[1]}" for r in last if r not in stopped and (s := last[r]) and s[1] != mine]
         said = []

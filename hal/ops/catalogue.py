@@ -847,7 +847,9 @@ def _check_reduce(op: str, t: torch.Tensor, reduce: str) -> None:
         raise OpInputError(op, "op", f"expected one of {_REDUCE_OPS}, got {reduce!r}")
     if t.dtype.is_floating_point and t.dtype.itemsize == 1:  # every fp8 format, whatever this torch has
         raise OpInputError(op, "t", f"cannot reduce {t.dtype}; reduce in bfloat16 or float32")
-    if t.dtype in (torch.int16, torch.uint16, torch.uint32, torch.uint64):  # neither gloo nor NCCL reduces them
+    # Neither gloo nor NCCL reduces these (HCCL may take int16): refused everywhere, so that code reducing
+    # them does not run on one transport and fail on the next.
+    if t.dtype in (torch.int16, torch.uint16, torch.uint32, torch.uint64):
         raise DTypeError(op, "t", f"cannot reduce {t.dtype}; reduce in int32 or int64")
     if reduce == "avg" and t.dtype == torch.bool:
         hint = '"max" (any rank true), "min" (every rank true), or reduce an integer or float copy'

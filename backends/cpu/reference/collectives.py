@@ -84,9 +84,9 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
         return t
     if t.dtype.itemsize == 1:
         return t.view(torch.uint8)
-    if t.dim() < 2:
-        t = t.reshape(-1, 1)
-    return t.view(torch.uint8)
+    # Viewed afresh from its flat storage: a contiguous tensor may still carry any stride on a size-1 dim
+    # (``x[1, 5].t()``: strides (1, 5)), which a byte view of the last dim refuses.
+    return t.view(-1).view(t.shape if t.dim() >= 2 else (-1, 1)).view(torch.uint8)
 
 
 def _reduce_op(op: str) -> Any:

@@ -187,6 +187,8 @@ def check_move_only_ops_send_what_gloo_lacks_as_bytes(rank: int) -> None:
     for dt in NOT_ON_GLOO:
         for shape in ((3, 2), (3,)):
             _same(ref.all_gather(_bits(rank, dt, *shape)), torch.cat([_bits(r, dt, *shape) for r in range(WORLD)]))
+        odd = _bits(rank, dt, 1, 5).t()  # contiguous, last dim of size 1 with stride 5
+        _same(ref.all_gather(odd), torch.cat([_bits(r, dt, 1, 5).t() for r in range(WORLD)]))
         t = _bits(rank, dt)  # a scalar
         assert ref.broadcast(t, src=1) is t
         _same(t, _bits(1, dt))
@@ -272,6 +274,13 @@ def test_wire_sends_as_bytes_only_what_the_transport_lacks() -> None:
             t = torch.zeros(shape, dtype=dt)
             got = ref._wire(t)
             assert got.dtype == torch.uint8 and got.shape == wire and got.data_ptr() == t.data_ptr(), (dt, shape)
+        # Contiguous, but with a stride of 5 on its size-1 last dim; and empty with odd strides.
+        t = torch.zeros(1, 5, dtype=dt).t()
+        got = ref._wire(t)
+        assert got.shape == ((5, n) if n > 1 else (5, 1)) and got.data_ptr() == t.data_ptr(), dt
+        got.fill_(0xFF)  # the bytes written land in t
+        assert bool((t.view(torch.uint8 if n == 1 else dt) != 0).all()), dt
+        assert ref._wire(torch.zeros(6, dtype=dt).as_strided((2, 0), (3, 5))).numel() == 0
 
 
 def test_signatures_match_the_catalogue() -> None:
