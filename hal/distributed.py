@@ -232,7 +232,7 @@ def init(backend: Backend | None = None, *, timeout_s: float | None = None) -> D
         exists already (made elsewhere, or by an earlier call with other settings), or the rendezvous failed.
     :raises hal.errors.OpInputError: the timeout is not a positive number of seconds up to one year.
     """
-    global _info
+    global _info, _heartbeat
     if backend is None:
         import hal  # here, not at import: hal imports this module
 
@@ -272,7 +272,6 @@ def init(backend: Backend | None = None, *, timeout_s: float | None = None) -> D
                 timeout=datetime.timedelta(seconds=timeout),
             )
         _info = want
-        global _heartbeat
         try:
             store = dist.distributed_c10d._get_default_store()
         except (AttributeError, RuntimeError, ValueError):  # a torch without it: failures name no peer
