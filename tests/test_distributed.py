@@ -52,15 +52,23 @@ def _work_init_all_reduce(rank: int) -> dict[str, Any]:
     }
 
 
-def _work_killed_peer(rank: int) -> dict[str, Any]:
+def _init_connected() -> None:
+    """``init``, then a barrier: every connection is up before a rank fails (gloo connects each pair at
+    start-up, and a peer that exits while the other still completes its side fails the rendezvous instead
+    of the collective these tests are about)."""
     hd.init(hal.get_backend("cpu"), timeout_s=FAIL_TIMEOUT_S)
+    hal.get_backend("cpu").barrier()
+
+
+def _work_killed_peer(rank: int) -> dict[str, Any]:
+    _init_connected()
     if rank == 1:
         os._exit(1)  # dies without a word, before the collective
     return _timed_all_reduce()
 
 
 def _work_stalled_peer(rank: int) -> dict[str, Any]:
-    hd.init(hal.get_backend("cpu"), timeout_s=FAIL_TIMEOUT_S)
+    _init_connected()
     if rank == 1:
         time.sleep(FAIL_TIMEOUT_S + MARGIN_S + 5)  # longer than rank 0 may wait; the parent ends it
         os._exit(0)
@@ -68,7 +76,7 @@ def _work_stalled_peer(rank: int) -> dict[str, Any]:
 
 
 def _work_frozen_peer(rank: int) -> dict[str, Any]:
-    hd.init(hal.get_backend("cpu"), timeout_s=FAIL_TIMEOUT_S)
+    _init_connected()
     if rank == 1:
         os.kill(os.getpid(), signal.SIGSTOP)  # frozen whole, heartbeat included, its connections open
     return _timed_all_reduce()
@@ -221,7 +229,7 @@ def test_stalled_rank_fails_the_other_within_the_timeout(tmp_path: Path) -> None
     assert res["error"] == "CollectiveError", res
     assert res["message"].startswith("all_reduce: rank 0 of 2: "), res
     # The peer is alive (its heartbeat goes on) but never entered the collective: said so.
-    assert "this rank is in all_reduce #1, but rank 1 is before any collective" in res["message"], res
+    assert "this rank is in all_reduce #2, but rank 1 is after barrier #1" in res["message"], res
     assert FAIL_TIMEOUT_S * 0.5 <= res["elapsed"] < FAIL_TIMEOUT_S + MARGIN_S, res
 
 
