@@ -147,10 +147,10 @@ class ModelConfig:
         model_type = get("model_type")
         if model_type not in (None, "deepseek_v3", "deepseek_v2"):
             raise ConfigError(f"model_type: expected 'deepseek_v3' or 'deepseek_v2', got {model_type!r}")
-        # A key left out means what transformers makes of it for this model type (V3 without one).
+        # A key left out means what transformers makes of it for this model type (V3 without one): the
+        # readers below take these defaults.
         defaults = ABSENT_KEY_DEFAULTS[model_type or "deepseek_v3"]
         absent = [key for key in defaults if key not in raw]
-        raw = {**defaults, **raw}
         if get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act: only 'silu' is implemented, got {get('hidden_act')!r}")
         if _bool(raw, "attention_bias", False):
@@ -163,15 +163,16 @@ class ModelConfig:
             )
         if _int(raw, "ep_size", 1, minimum=1, null=1) != 1:
             raise ConfigError(f"ep_size: expert parallelism is configured at run time, got {get('ep_size')}")
-        scoring = get("scoring_func", "sigmoid")
+        scoring = get("scoring_func", defaults["scoring_func"])
         if scoring not in ("sigmoid", "softmax"):
             raise ConfigError(f"scoring_func: expected 'sigmoid' or 'softmax', got {scoring!r}")
-        topk_method = get("topk_method", "noaux_tc")
+        topk_method = get("topk_method", defaults["topk_method"])
         if topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
             raise ConfigError(f"topk_method: expected noaux_tc, greedy or group_limited_greedy, got {topk_method!r}")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             _int(raw, key, None, minimum=1)  # required: None fails too
         intermediate = get("intermediate_size")
+        max_positions = _int(raw, "max_position_embeddings", defaults["max_position_embeddings"], minimum=1)
         cfg = cls(
             vocab_size=get("vocab_size"),
             hidden_size=get("hidden_size"),
@@ -180,13 +181,13 @@ class ModelConfig:
             num_hidden_layers=get("num_hidden_layers"),
             num_attention_heads=heads,
             n_routed_experts=_int(raw, "n_routed_experts", 0, null=0),
-            num_experts_per_tok=_int(raw, "num_experts_per_tok", 0, null=0),
+            num_experts_per_tok=_int(raw, "num_experts_per_tok", defaults["num_experts_per_tok"], null=0),
             n_shared_experts=_int(raw, "n_shared_experts", 0, null=0),
             first_k_dense_replace=_int(raw, "first_k_dense_replace", 0, null=0),
-            n_group=_int(raw, "n_group", 1, minimum=1, null=1),
-            topk_group=_int(raw, "topk_group", 1, minimum=1, null=1),
-            norm_topk_prob=_bool(raw, "norm_topk_prob", False),
-            routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0),
+            n_group=_int(raw, "n_group", defaults["n_group"], minimum=1, null=1),
+            topk_group=_int(raw, "topk_group", defaults["topk_group"], minimum=1, null=1),
+            norm_topk_prob=_bool(raw, "norm_topk_prob", defaults["norm_topk_prob"]),
+            routed_scaling_factor=_float(raw, "routed_scaling_factor", defaults["routed_scaling_factor"]),
             scoring_func=scoring,
             topk_method=topk_method,
             q_lora_rank=_int(raw, "q_lora_rank", None, minimum=1, null=None),
@@ -194,12 +195,12 @@ class ModelConfig:
             qk_nope_head_dim=_int(raw, "qk_nope_head_dim", 128, minimum=1),
             qk_rope_head_dim=_int(raw, "qk_rope_head_dim", 64, minimum=1),
             v_head_dim=_int(raw, "v_head_dim", 128, minimum=1),
-            rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6, zero=True),
-            max_position_embeddings=_int(raw, "max_position_embeddings", 4096, minimum=1),
-            rope_interleave=_bool(raw, "rope_interleave", True),
-            rope=_rope(raw),
-            eos_token_id=_token_ids(raw, "eos_token_id"),
-            bos_token_id=_int(raw, "bos_token_id", None, minimum=0, null=None),
+            rms_norm_eps=_float(raw, "rms_norm_eps", defaults["rms_norm_eps"], zero=True),
+            max_position_embeddings=max_positions,
+            rope_interleave=_bool(raw, "rope_interleave", defaults["rope_interleave"]),
+            rope=_rope(raw, max_positions),
+            eos_token_id=_token_ids(raw, "eos_token_id", defaults["eos_token_id"]),
+            bos_token_id=_int(raw, "bos_token_id", defaults["bos_token_id"], minimum=0, null=None),
             tie_word_embeddings=_bool(raw, "tie_word_embeddings", False),
             torch_dtype=get("torch_dtype") or get("dtype"),
             num_nextn_predict_layers=_int(raw, "num_nextn_predict_layers", 0, null=0),
@@ -301,9 +302,10 @@ def _bool(raw: Mapping[str, Any], key: str, default: bool, *, where: str = "") -
     return value
 
 
-def _token_ids(raw: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    """``null`` (none), one id, or a list of ids (each a non-negative int)."""
-    value = raw.get(key)
+def _token_ids(raw: Mapping[str, Any], key: str, default: Any) -> tuple[int, ...]:
+    """``raw[key]`` (``default`` when absent): ``null`` (none), one id, or a list of ids (each a
+    non-negative int)."""
+    value = raw.get(key, default)
     ids = [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
         raise ConfigError(f"{key}: expected null, a token id or a list of token ids, got {_shown(value)}")
@@ -315,9 +317,10 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
+def _rope(raw: Mapping[str, Any], max_positions: int) -> dict[str, Any]:
     """The RoPE parameters from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (DeepSeek), each
-    value checked; an error names the section the value came from."""
+    value checked; an error names the section the value came from. ``max_positions`` is the config's
+    ``max_position_embeddings`` (YaRN's factor when none is given)."""
     sections = {key: raw.get(key) for key in ("rope_parameters", "rope_scaling")}
     for key, section in sections.items():
         if section is not None and not isinstance(section, Mapping):
@@ -345,7 +348,7 @@ def _rope(raw: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(original, int) or isinstance(original, bool) or original < 1:
         raise ConfigError(f"{where}original_max_position_embeddings: expected a positive int, got {_shown(original)}")
     if params.get("factor") is None:  # as transformers: the ratio of the context lengths
-        params["factor"] = _int(raw, "max_position_embeddings", 4096, minimum=1) / original
+        params["factor"] = max_positions / original
     params["factor"] = _float(params, "factor", 1.0, where=where)
     for key in ("beta_fast", "beta_slow", "attention_factor"):  # null: the default
         if params.get(key) is not None:
