@@ -394,13 +394,12 @@ def _run_config(args: argparse.Namespace) -> ModelConfig:
     return tiny_config() if args.model is None else ModelConfig.from_file(Path(args.model) / "config.json")
 
 
-def _checked_prompts(args: argparse.Namespace, prompts: list[list[int]] | None) -> list[list[int]]:
+def _checked_prompts(args: argparse.Namespace, cfg: ModelConfig, prompts: list[list[int]] | None) -> list[list[int]]:
     """The prompts (``None``: ``--batch`` seeded random ones, drawn from config.json's vocabulary), refused
     before any weight is built or read (and before the rendezvous) where the model cannot take them: ids
     outside the vocabulary, too long for ``max_position_embeddings`` with --max-new-tokens."""
     from hal.model.generate import check_prompts
 
-    cfg = _run_config(args)
     # Each source is named: ids a tokenizer produced as its, random ones as such, or the user hunts for
     # them in what they typed.
     if prompts is None:
@@ -414,7 +413,7 @@ def _checked_prompts(args: argparse.Namespace, prompts: list[list[int]] | None) 
     return check_prompts(prompts, cfg, args.max_new_tokens, where=where)
 
 
-def _check_layout(args: argparse.Namespace, backend: hal.Backend, world: int) -> None:
+def _check_layout(args: argparse.Namespace, cfg: ModelConfig, backend: hal.Backend, world: int) -> None:
     """Refuse, before the rendezvous and before any weight is built or read, a --tp/--ep run that cannot
     go: a combination the world size refuses, sizes the config does not divide, --ep on a model without
     routed experts, or FP8 weights that --tp would cut off their 128-blocks."""
@@ -422,7 +421,6 @@ def _check_layout(args: argparse.Namespace, backend: hal.Backend, world: int) ->
     from hal.model.parallel import ParallelConfig, quantized_to_fp8
 
     par = ParallelConfig.create(args.tp, args.ep, rank=0, world_size=world)
-    cfg = _run_config(args)
     in_fp8: set[str] = set()
     if args.model is not None and fp8_checkpoint_policy(backend.capabilities, dequantize=args.dequantize_fp8) == "fp8":
         in_fp8 = _checkpoint_fp8_names(args.model) or set()
@@ -528,12 +526,13 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
         bind_local_device()  # build the backend on this rank's device, not device 0
     backend = hal.get_backend(args.backend)
     _check_quantize(args, backend)
-    prompts = _checked_prompts(args, prompts)
+    cfg = _run_config(args)  # config.json, read once for the checks below
+    prompts = _checked_prompts(args, cfg, prompts)
     size = world if world > 1 else max(args.tp, args.ep)  # one process: the world --tp/--ep ask for
     if world > 1 or (size > 1 and {args.tp, args.ep} <= {1, size}):
         # In one process too (when --tp/--ep name a world size): a layout the config cannot take is
         # refused before "launch with torchrun" is suggested.
-        _check_layout(args, backend, size)
+        _check_layout(args, cfg, backend, size)
     if world > 1:
         from hal.distributed import configured_timeout
 
