@@ -161,6 +161,11 @@ class ModelConfig:
             raise ConfigError(
                 f"num_key_value_heads: MLA needs it equal to num_attention_heads ({heads}), got {kv_heads}"
             )
+        if _int(raw, "moe_layer_freq", 1, minimum=1, null=1) != 1:  # DeepSeek's code reads it; transformers not
+            raise ConfigError(
+                f"moe_layer_freq: only 1 (every layer from first_k_dense_replace on is MoE) is implemented, "
+                f"got {get('moe_layer_freq')}"
+            )
         if _int(raw, "ep_size", 1, minimum=1, null=1) != 1:
             raise ConfigError(f"ep_size: expert parallelism is configured at run time, got {get('ep_size')}")
         scoring = get("scoring_func", defaults["scoring_func"])
@@ -221,7 +226,13 @@ class ModelConfig:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if not path.parent.is_dir():
+                raise ConfigError(
+                    f"{path.parent}: no such directory (expected a Hugging Face model directory)"
+                ) from None
             raise ConfigError(f"{path}: no config.json (is this a Hugging Face model directory?)") from None
+        except NotADirectoryError:
+            raise ConfigError(f"{path.parent}: not a directory (expected a Hugging Face model directory)") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
@@ -259,15 +270,18 @@ class ModelConfig:
 
 
 _MISSING = object()
+#: The largest int a config value may hold: sizes become tensor shapes, which are int64.
+_INT64_MAX = 2**63 - 1
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
 def _shown(value: Any) -> str:
     """``value`` as config.json writes it (``true``, ``null``, ``"abc"``), for error messages."""
     try:
-        return json.dumps(value)
+        shown = json.dumps(value)
     except (TypeError, ValueError):
-        return repr(value)
+        shown = repr(value)
+    return shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
 
 
 def _int(raw: Mapping[str, Any], key: str, default: Any, *, minimum: int = 0, null: Any = _MISSING) -> Any:
@@ -276,8 +290,9 @@ def _int(raw: Mapping[str, Any], key: str, default: Any, *, minimum: int = 0, nu
     value = raw.get(key, default)
     if value is None and null is not _MISSING:
         return null
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= _INT64_MAX:
         what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        what += " (at most 2**63 - 1)" if isinstance(value, int) and value > _INT64_MAX else ""
         raise ConfigError(f"{key}: expected {what}{' or null' if null is not _MISSING else ''}, got {_shown(value)}")
     return value
 
@@ -288,7 +303,10 @@ def _float(
     """``raw[key]`` (``default`` when absent), a finite number ``> above`` (``>= 0`` with ``zero``);
     ``where`` prefixes the key's section in the error."""
     value = raw.get(key, default)
-    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    try:  # math.isfinite raises on an int beyond float's range (JSON allows any number of digits)
+        number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:
+        number = False
     if not number or not (value > above or (zero and value == 0)):
         bound = ">= 0" if zero else f"> {above:g}"
         raise ConfigError(f"{where}{key}: expected a finite number {bound}, got {_shown(value)}")
@@ -342,11 +360,15 @@ def _rope(raw: Mapping[str, Any], max_positions: int) -> dict[str, Any]:
         raise ConfigError(f"{where}rope_type: only 'default' and 'yarn' are implemented, got {rope_type!r}")
     if rope_type != "yarn":
         return params
+    # As transformers: without it, YaRN's pretraining length is max_position_embeddings.
     original = params.get("original_max_position_embeddings")
     if original is None:
-        raise ConfigError(f"{where}original_max_position_embeddings: required for YaRN")
-    if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+        original = max_positions
+    if isinstance(original, float) and original.is_integer():  # 4096.0: transformers computes with it as is
+        original = int(original)
+    if not isinstance(original, int) or isinstance(original, bool) or not 1 <= original <= _INT64_MAX:
         raise ConfigError(f"{where}original_max_position_embeddings: expected a positive int, got {_shown(original)}")
+    params["original_max_position_embeddings"] = original
     if params.get("factor") is None:  # as transformers: the ratio of the context lengths
         params["factor"] = max_positions / original
     params["factor"] = _float(params, "factor", 1.0, where=where)

@@ -97,6 +97,11 @@ def fp8_checkpoint_policy(caps: Capabilities, *, dequantize: bool = False) -> st
 
 _SCALE_SUFFIX = "_scale_inv"  # "X.weight" + this = "X.weight_scale_inv"
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+#: safetensors header dtypes of a plain tensor and of an FP8 weight's scale: the float formats torch reads
+#: and converts (float4/float6, integers and bool are refused from the headers, before any data is read).
+_FLOAT_HEADER_DTYPES = ("F32", "BF16", "F16", "F64")
+#: safetensors header dtypes of an FP8 weight: DeepSeek's E4M3, or AMD's E4M3 FNUZ.
+_FP8_HEADER_DTYPES = ("F8_E4M3", "F8_E4M3FNUZ")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 #: A key only a DeepSeek multi-token-prediction layer has (it joins the embedding and the hidden state).
 _MTP_KEY = re.compile(r"model\.layers\.(\d+)\.eh_proj\.weight$")
@@ -205,13 +210,11 @@ def load_weights(
                 read_slice = isinstance(split, Split) and not entry.is_fp8 and not (quantize and is_linear(name))
                 t = _get(handles[entry.path], entry.path, name, split if read_slice else None)
                 if entry.is_fp8:
-                    w = _fp8(handles, entries, name, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
+                    w = _fp8(handles, entries, scales[name], t, dtype, fp8_dtype, dequantize_fp8)
                     if fp8_to_int8 and isinstance(w, Fp8Weight):
                         w = Int8Weight(*quantize_int8_rows(dequantize_fp8_blocks(w.q, w.scale, block=FP8_BLOCK)))
                         n_quantized += 1  # counted with the others under --quantize int8
                     weights[name] = w
-                elif not t.is_floating_point():
-                    raise ModelLoadError(f"{entry.path}: {name}: expected a floating tensor, got {t.dtype}")
                 elif name.endswith("e_score_correction_bias"):
                     # The routing bias decides top-k ties between close scores: it is float32 in every
                     # DeepSeek checkpoint and the model routes in float32. It only steers the choice, so a
@@ -372,9 +375,18 @@ def _checkpoint_files(root: Path) -> dict[Path, set[str] | None]:
             raise ModelLoadError(f"{index}: not a safetensors index with a 'weight_map' ({exc!r})") from None
         if not isinstance(weight_map, dict):
             raise ModelLoadError(f"{index}: 'weight_map' must map keys to file names")
+        if not weight_map:
+            raise ModelLoadError(f"{index}: 'weight_map' is empty: it names no tensor")
         shards: dict[Path, set[str]] = {}
         for key, shard in weight_map.items():
-            shards.setdefault(root / str(shard), set()).add(key)
+            # A shard is a file of the model directory, named plainly: not null, "." or a path (which
+            # could lead out of it). Symlinks are fine: a Hugging Face cache snapshot is made of them.
+            plain = isinstance(shard, str) and shard.strip() not in ("", ".", "..") and Path(shard).name == shard
+            if not plain or "\\" in shard:
+                raise ModelLoadError(
+                    f"{index}: {key} is placed in {json.dumps(shard)}, which is not a file name in {root}"
+                )
+            shards.setdefault(root / shard, set()).add(key)
         absent = sorted(p.name for p in shards if not p.is_file())
         if absent:
             raise ModelLoadError(f"{index}: {len(absent)} shard file(s) it names are missing: {_listing(absent)}")
@@ -507,15 +519,23 @@ def _check_entries(
     scales: dict[str, str] = {}
     for key in scale_keys:
         base = key[: -len(_SCALE_SUFFIX)]
-        if base not in present or not entries[base].is_fp8:
-            unexpected.append(key)  # a scale with no FP8 weight of this model beside it
-            continue
-        scales[base] = key
+        if base not in present:
+            unexpected.append(key)  # a scale with no weight of this model beside it
+        elif not entries[base].is_fp8:
+            problems.append(f"{key}: an FP8 scale, but {base} is stored as {entries[base].dtype}, not as F8_E4M3")
+        elif entries[key].dtype not in _FLOAT_HEADER_DTYPES:
+            problems.append(f"{key}: stored as {entries[key].dtype}; a scale must be F32 (or BF16, F16, F64)")
+        else:
+            scales[base] = key
     for name in present:
         entry = entries[name]
         if not entry.is_fp8:
+            if entry.dtype not in _FLOAT_HEADER_DTYPES:
+                problems.append(f"{name}: stored as {entry.dtype}; expected F32, BF16, F16 or F64 ({entry.path.name})")
             continue
-        if not is_linear(name):
+        if entry.dtype not in _FP8_HEADER_DTYPES:
+            problems.append(f"{name}: stored as {entry.dtype}; FP8 weights must be F8_E4M3 or F8_E4M3FNUZ")
+        elif not is_linear(name):
             problems.append(f"{name}: stored as {entry.dtype}, but only linear weights may be FP8 ({entry.path.name})")
         elif name not in scales:
             problems.append(f"{name}: FP8 weight without its {name + _SCALE_SUFFIX} ({entry.path.name})")
@@ -551,21 +571,22 @@ def _check_entries(
 def _fp8(
     handles: Mapping[Path, Any],
     entries: Mapping[str, _Entry],
-    name: str,
     scale_key: str,
     q: torch.Tensor,
     dtype: torch.dtype,
     fp8_dtype: torch.dtype,
     dequantize: bool,
 ) -> Weight:
-    path = entries[name].path
-    if q.dtype not in _FP8_DTYPES:
-        raise ModelLoadError(f"{path}: {name}: FP8 weights must be float8_e4m3fn or float8_e4m3fnuz, got {q.dtype}")
     scale_path = entries[scale_key].path
-    s = _get(handles[scale_path], scale_path, scale_key)
-    if not s.is_floating_point() or s.dtype in _FP8_DTYPES:
-        raise ModelLoadError(f"{scale_path}: {scale_key}: expected a float32 scale, got {s.dtype}")
-    s = s.float()
+    s = _get(handles[scale_path], scale_path, scale_key).float()  # dtypes were checked from the headers
+    # A block's scale multiplies every value in it: zero, negative or NaN scales give finite garbage
+    # (or NaN everywhere) that no later check could trace back here. They are tiny: check them all.
+    bad = int((~((s > 0) & torch.isfinite(s))).sum())
+    if bad:
+        raise ModelLoadError(
+            f"{scale_path}: {scale_key}: {bad} of {s.numel()} scales are zero, negative, NaN or inf; "
+            "FP8 block scales must be positive and finite"
+        )
     if dequantize:
         return dequantize_fp8_blocks(q, s, block=FP8_BLOCK).to(dtype)
     q, s = _to_fp8_format(q, s, fp8_dtype)

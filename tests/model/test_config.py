@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ YARN = {
         ({"hidden_size": "64"}, "hidden_size"),
         ({"eos_token_id": 500}, "eos_token_id"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.rope_type"),
-        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "original_max_position_embeddings"),
+        ({"rope_scaling": {"type": "yarn", **YARN, "original_max_position_embeddings": 64.5}}, "original_max"),
         # Values of the wrong type or out of range: the key named, never a Python error.
         ({"vocab_size": True}, "vocab_size"),
         ({"n_routed_experts": "4"}, "n_routed_experts"),
@@ -76,7 +77,11 @@ YARN = {
         ({"rope_scaling": "yarn"}, "rope_scaling"),
         ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.rope_type"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}}, "rope_parameters.rope_theta"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_parameters.original_max_position_embeddings"),
+        ({"rope_parameters": {"rope_type": "yarn", **YARN, "original_max_position_embeddings": "64"}}, "rope_param"),
+        # Numbers beyond float's (and int64's) range: JSON allows any number of digits.
+        ({"routed_scaling_factor": 10**400}, "routed_scaling_factor: expected a finite number"),
+        ({"max_position_embeddings": 10**400}, "max_position_embeddings: expected a positive int (at most 2**63 - 1)"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2**64}}, "original_max"),
         ({"rope_scaling": {"type": "yarn", "original_max_position_embeddings": 0}}, "original_max_position_embeddings"),
         ({"rope_scaling": {"type": "yarn", **YARN, "factor": "four"}}, "rope_scaling.factor"),
         ({"rope_scaling": {"type": "yarn", **YARN, "factor": -2}}, "rope_scaling.factor"),
@@ -86,13 +91,14 @@ YARN = {
         ({"attention_bias": "false"}, "attention_bias: expected true or false"),
         ({"num_key_value_heads": "4"}, "num_key_value_heads"),
         ({"ep_size": True}, "ep_size"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq: only 1"),
         ({"routed_scaling_factor": None}, "routed_scaling_factor: expected a finite number > 0, got null"),
         ({"norm_topk_prob": 1}, "norm_topk_prob: expected true or false, got 1"),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else v,
 )
 def test_unsupported_values_are_named(change: dict[str, Any], key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(key)):
         ModelConfig.from_dict({**RAW, **change})
 
 
@@ -103,15 +109,27 @@ def test_rope_scaling_and_rope_parameters_read_the_same() -> None:
     assert deepseek.rope["rope_type"] == "yarn" and deepseek.rope["rope_theta"] == 5000.0
 
 
-def test_yarn_softmax_scale_and_tables_match_transformers() -> None:
+@pytest.mark.parametrize(
+    ("yarn", "top"),
+    [
+        (YARN, {}),
+        # No pretraining length anywhere: transformers takes max_position_embeddings.
+        ({k: v for k, v in YARN.items() if k != "original_max_position_embeddings"}, {}),
+        # A float that is an int: transformers computes with it as is.
+        ({**YARN, "original_max_position_embeddings": 64.0}, {}),
+    ],
+    ids=["section", "absent", "float"],
+)
+def test_yarn_softmax_scale_and_tables_match_transformers(yarn: dict[str, Any], top: dict[str, Any]) -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
 
-    ours = ModelConfig.from_dict({**RAW, "rope_scaling": {"type": "yarn", **YARN}})
+    ours = ModelConfig.from_dict({**RAW, **top, "rope_scaling": {"type": "yarn", **yarn}})
     hf = transformers.DeepseekV3Config(
-        **{k: v for k, v in RAW.items() if k != "model_type"}, rope_scaling={"rope_type": "yarn", **YARN}
+        **{k: v for k, v in RAW.items() if k != "model_type"}, **top, rope_scaling={"rope_type": "yarn", **yarn}
     )
+    assert ours.rope["original_max_position_embeddings"] == hf.rope_parameters["original_max_position_embeddings"]
     inv, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
     our_inv, our_factor = inv_freq_and_factor(ours)
     torch.testing.assert_close(our_inv, inv, rtol=0, atol=0)
@@ -130,6 +148,11 @@ def test_cos_sin_cache_layout() -> None:
 
 
 def test_from_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path / 'nowhere'))}: no such directory"):
+        ModelConfig.from_file(tmp_path / "nowhere" / "config.json")
+    (tmp_path / "file").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path / 'file'))}: not a directory"):
+        ModelConfig.from_file(tmp_path / "file" / "config.json")
     with pytest.raises(ConfigError, match=r"no config\.json"):
         ModelConfig.from_file(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("{not json")

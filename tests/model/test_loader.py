@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,88 @@ def test_a_non_finite_routing_bias_is_refused(hf_dirs: dict[str, Any], single_co
         load_weights(single_copy, hf_dirs["cfg"], progress=False)
 
 
+def _write_raw(path: Path, tensors: dict[str, torch.Tensor], raw: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """Write a safetensors file by hand, with ``raw`` entries (header dtype, shape, data) in dtypes
+    ``save_file`` cannot write (float4, ...) replacing or joining ``tensors``."""
+    import struct
+
+    entries = {k: ("F32", list(t.shape), t.float().numpy().tobytes()) for k, t in tensors.items()} | raw
+    header: dict[str, Any] = {}
+    blobs, offset = [], 0
+    for key, (dtype, shape, data) in entries.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_dtypes_are_checked_from_the_headers(
+    hf_dirs: dict[str, Any], single_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every tensor of the wrong dtype is listed in one error, before any tensor data is read (no
+    # progress line): float4 (a float torch cannot convert), an integer weight, an E5M2 "FP8" weight.
+    path = single_copy / "model.safetensors"
+    tensors = load_file(str(path))
+    late = "model.layers.2.mlp.shared_experts.down_proj.weight"  # one of the last keys read
+    e5m2 = "model.layers.1.self_attn.o_proj.weight"
+    raw = {
+        "model.norm.weight": ("F4", [64], bytes(32)),
+        late: ("I32", list(tensors[late].shape), tensors[late].to(torch.int32).numpy().tobytes()),
+        e5m2: ("F8_E5M2", list(tensors[e5m2].shape), bytes(tensors[e5m2].numel())),
+        e5m2 + "_scale_inv": ("F32", [1, 1], torch.ones(1).numpy().tobytes()),
+    }
+    _write_raw(path, tensors, raw)
+    with pytest.raises(ModelLoadError, match=r"the checkpoint does not match config\.json") as info:
+        load_weights(single_copy, hf_dirs["cfg"], progress=True)
+    msg = str(info.value)
+    assert "model.norm.weight: stored as F4; expected F32, BF16, F16 or F64" in msg
+    assert f"{late}: stored as I32; expected F32, BF16, F16 or F64" in msg
+    assert f"{e5m2}: stored as F8_E5M2; FP8 weights must be F8_E4M3 or F8_E4M3FNUZ" in msg
+    assert "loading" not in capsys.readouterr().err  # refused from the headers: no tensor was read
+
+
+def test_fp8_scale_dtypes_are_checked_from_the_headers(fp8_setup: dict[str, Any], tmp_path: Path) -> None:
+    # A scale beside a weight that is not FP8 (bytes stored as U8), and a scale in an integer format.
+    d = Path(shutil.copytree(fp8_setup["fp8"], tmp_path / "m"))
+    path = d / "model.safetensors"
+    tensors = load_file(str(path))
+    u8 = "model.layers.0.mlp.down_proj.weight"
+    int_scale = "model.layers.1.self_attn.q_a_proj.weight_scale_inv"
+    kept = {k: t for k, t in tensors.items() if k not in (u8, int_scale) and t.dtype == torch.float32}
+    raw = {  # the FP8 weights as they are, with the two broken entries
+        k: ("F8_E4M3", list(t.shape), t.view(torch.uint8).numpy().tobytes())
+        for k, t in tensors.items()
+        if t.dtype == torch.float8_e4m3fn and k != u8
+    }
+    raw[u8] = ("U8", list(tensors[u8].shape), tensors[u8].view(torch.uint8).numpy().tobytes())
+    raw[int_scale] = ("I32", list(tensors[int_scale].shape), bytes(4 * tensors[int_scale].numel()))
+    _write_raw(path, kept, raw)
+    with pytest.raises(ModelLoadError) as info:
+        load_weights(d, fp8_setup["cfg"], progress=False)
+    msg = str(info.value)
+    assert f"{u8}_scale_inv: an FP8 scale, but {u8} is stored as U8, not as F8_E4M3" in msg
+    assert f"{u8}: stored as U8; expected F32" in msg
+    assert f"{int_scale}: stored as I32; a scale must be F32" in msg
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("mode", ["fp8", "dequantize", "int8"])
+def test_fp8_scales_must_be_positive_and_finite(
+    fp8_setup: dict[str, Any], tmp_path: Path, value: float, mode: str
+) -> None:
+    # Zero or negative scales give finite garbage no later check catches; NaN and inf poison the block.
+    d = Path(shutil.copytree(fp8_setup["fp8"], tmp_path / "m"))
+    key = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
+    scale = load_file(str(d / "model.safetensors"))[key].clone()
+    scale.view(-1)[0] = value
+    _rewrite(d / "model.safetensors", {key: scale})
+    kwargs = {"fp8": {}, "dequantize": {"dequantize_fp8": True}, "int8": {"quantize": "int8", "fp8_to_int8": True}}
+    with pytest.raises(ModelLoadError, match=rf"{key}: 1 of {scale.numel()} scales are zero, negative, NaN or inf"):
+        load_weights(d, fp8_setup["cfg"], progress=False, **kwargs[mode])
+
+
 def test_unexpected_key(hf_dirs: dict[str, Any], single_copy: Path) -> None:
     _rewrite(single_copy / "model.safetensors", {"model.layers.0.self_attn.rotary.extra": torch.zeros(3)})
     with pytest.raises(ModelLoadError, match="1 unexpected") as info:
@@ -327,6 +410,27 @@ def test_index_names_key_not_in_shard(hf_dirs: dict[str, Any], tmp_path: Path) -
     index["weight_map"]["model.layers.0.mystery.weight"] = next(iter(index["weight_map"].values()))
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mystery\.weight \(index says"):
+        load_weights(d, hf_dirs["cfg"], progress=False)
+
+
+@pytest.mark.parametrize(
+    "shard", [None, 3, "", ".", "..", "../model.safetensors", "/etc/hostname", "sub/x.safetensors"]
+)
+def test_index_shards_must_be_file_names(hf_dirs: dict[str, Any], tmp_path: Path, shard: Any) -> None:
+    # A shard outside the model directory is never opened; null or "." is named as what it is.
+    d = Path(shutil.copytree(hf_dirs["sharded"], tmp_path / "m"))
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    key = "model.norm.weight"
+    index["weight_map"][key] = shard
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=re.escape(f"{key} is placed in {json.dumps(shard)}, which is not a file")):
+        load_weights(d, hf_dirs["cfg"], progress=False)
+
+
+def test_empty_index(hf_dirs: dict[str, Any], tmp_path: Path) -> None:
+    d = Path(shutil.copytree(hf_dirs["sharded"], tmp_path / "m"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(ModelLoadError, match="'weight_map' is empty"):
         load_weights(d, hf_dirs["cfg"], progress=False)
 
 
@@ -459,17 +563,14 @@ def test_quantize_on_load(fp8_setup: dict[str, Any], caplog: pytest.LogCaptureFi
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["plain", "fp8"])
-def test_int8_of_a_nan_weight_is_not_zeros(fp8_setup: dict[str, Any], source: str, tmp_path: Path) -> None:
-    # A NaN in a weight (or in an FP8 checkpoint's scales) survives INT8 conversion: generation then
-    # stops on non-finite logits instead of running the model with that row zeroed.
+def test_int8_of_a_nan_weight_is_not_zeros(fp8_setup: dict[str, Any], tmp_path: Path) -> None:
+    # A NaN in a weight survives INT8 conversion: generation then stops on non-finite logits instead of
+    # running the model with that row zeroed. (An FP8 checkpoint's NaN scale is refused at load, above.)
     from hal.model.generate import NonFiniteLogitsError, generate
 
-    d = Path(shutil.copytree(fp8_setup[source], tmp_path / source))
+    d = Path(shutil.copytree(fp8_setup["plain"], tmp_path / "plain"))
     name = "model.layers.0.self_attn.o_proj.weight"
     tensors = load_file(str(d / "model.safetensors"))
-    if source == "fp8":
-        name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"
     broken = tensors[name].clone()
     broken.view(-1)[0] = float("nan")
     _rewrite(d / "model.safetensors", {name: broken})
