@@ -851,6 +851,8 @@ def _check_reduce(op: str, t: torch.Tensor, reduce: str) -> None:
     # them does not run on one transport and fail on the next.
     if t.dtype in (torch.int16, torch.uint16, torch.uint32, torch.uint64):
         raise DTypeError(op, "t", f"cannot reduce {t.dtype}; reduce in int32 or int64")
+    if reduce in ("max", "min") and t.dtype.is_complex:  # complex numbers have no order
+        raise OpInputError(op, "op", f'expected "sum" or "avg" for {t.dtype} (no order), got "{reduce}"')
     if reduce == "avg" and t.dtype == torch.bool:
         hint = '"max" (any rank true), "min" (every rank true), or reduce an integer or float copy'
         raise OpInputError(op, "op", f'expected "sum", "max" or "min" for a bool tensor, got "avg"; use {hint}')
@@ -871,7 +873,8 @@ def all_reduce(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> torch.
 
     :param t: a tensor of any dtype but fp8, int16 and uint16/32/64, the same shape on every rank; no
         two of its elements may share memory (it is written in place).
-    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"`` (not for bool; integers: truncated).
+    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"`` (``"avg"`` not for bool, integers truncated;
+        ``"max"`` and ``"min"`` not for complex).
     :param group: a ``torch.distributed`` process group; ``None`` means the default (world) group.
     :returns: ``t``, holding the reduction.
     """
@@ -901,7 +904,8 @@ def reduce_scatter(t: torch.Tensor, *, op: str = "sum", group: Any = None) -> to
 
     :param t: a tensor of any dtype but fp8, int16 and uint16/32/64 [world_size * n, ...], the same shape
         on every rank.
-    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"`` (not for bool; integers: truncated).
+    :param op: ``"sum"``, ``"max"``, ``"min"`` or ``"avg"`` (``"avg"`` not for bool, integers truncated;
+        ``"max"`` and ``"min"`` not for complex).
     :param group: process group; ``None`` means the world.
     :returns: [n, ...].
     """

@@ -72,6 +72,22 @@ _NATIVE = frozenset(
 )
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous, with the canonical strides on size-1 dims too (a view when ``t`` is contiguous).
+
+    ``is_contiguous()`` ignores the stride of a size-1 dim: ``x[:1, 1]`` (stride (4,)) and
+    ``ids[None].t()`` (``[T, 1]``, strides (1, T)) are contiguous, and ``contiguous()``, ``clone()`` and
+    ``view(-1)`` keep their strides, which a byte view of the last dim refuses. Their elements lie where
+    the canonical strides put them, so a view with those strides reads the same memory.
+    """
+    t = t.contiguous()
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return t.as_strided(t.shape, strides[::-1])
+
+
 def _wire(t: torch.Tensor) -> torch.Tensor:
     """``t`` (contiguous) as the transport can carry it: fp8 (and any 1-byte float) as a ``uint8`` view, a
     dtype some transport lacks (int16, uint16/32/64 on gloo) as a ``uint8`` view of its last dim.
@@ -84,9 +100,7 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
         return t
     if t.dtype.itemsize == 1:
         return t.view(torch.uint8)
-    # Viewed afresh from its flat storage: a contiguous tensor may still carry any stride on a size-1 dim
-    # (``x[1, 5].t()``: strides (1, 5)), which a byte view of the last dim refuses.
-    return t.view(-1).view(t.shape if t.dim() >= 2 else (-1, 1)).view(torch.uint8)
+    return _dense(t).view(t.shape if t.dim() >= 2 else (-1, 1)).view(torch.uint8)
 
 
 def _reduce_op(op: str) -> Any:
@@ -185,8 +199,8 @@ def barrier(*, group: Any = None) -> None:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous 2-D ``[n, m]`` tensor as ``[n, m * itemsize]`` bytes."""
-    return t.contiguous().view(torch.uint8)
+    """A 2-D ``[n, m]`` tensor as ``[n, m * itemsize]`` bytes (a view when ``t`` is contiguous)."""
+    return _dense(t).view(torch.uint8)
 
 
 def _unbytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -189,6 +189,13 @@ def check_move_only_ops_send_what_gloo_lacks_as_bytes(rank: int) -> None:
             _same(ref.all_gather(_bits(rank, dt, *shape)), torch.cat([_bits(r, dt, *shape) for r in range(WORLD)]))
         odd = _bits(rank, dt, 1, 5).t()  # contiguous, last dim of size 1 with stride 5
         _same(ref.all_gather(odd), torch.cat([_bits(r, dt, 1, 5).t() for r in range(WORLD)]))
+        one = _bits(rank, dt, 2, 4)[:1, 1]  # one element, contiguous, stride 4
+        _same(ref.all_gather(one), torch.cat([_bits(r, dt, 2, 4)[:1, 1] for r in range(WORLD)]))
+        one = _bits(rank, dt, 2, 4)[:1, 1:2].t()  # [1, 1], strides (1, 4)
+        _same(ref.all_gather(one), torch.cat([_bits(r, dt, 2, 4)[:1, 1:2].t() for r in range(WORLD)]))
+        base = _bits(rank, dt, 2, 4)
+        ref.broadcast(base[:1, 1], src=1)
+        _same(base[:1, 1], _bits(1, dt, 2, 4)[:1, 1])
         t = _bits(rank, dt)  # a scalar
         assert ref.broadcast(t, src=1) is t
         _same(t, _bits(1, dt))
@@ -214,6 +221,9 @@ def check_what_gloo_cannot_do_is_refused_before_any_exchange(rank: int) -> None:
         with pytest.raises(OpInputError, match=rf'^{name}: op: expected "sum", "max" or "min" for a bool tensor'):
             getattr(be, name)(flags, op="avg")
         _same(flags, torch.tensor([True, False, rank == 0, False]))  # refused before the sum was written into it
+        for op in ("max", "min"):
+            with pytest.raises(OpInputError, match=rf'^{name}: op: expected "sum" or "avg" for torch.complex64'):
+                getattr(be, name)(torch.zeros(4, dtype=torch.complex64), op=op)
     for name in ("all_reduce", "broadcast"):
         with pytest.raises(LayoutError, match=rf"^{name}: t: expected no overlapping memory .*strides \[0\]"):
             getattr(be, name)(torch.zeros(1).expand(4))
@@ -281,6 +291,10 @@ def test_wire_sends_as_bytes_only_what_the_transport_lacks() -> None:
         got.fill_(0xFF)  # the bytes written land in t
         assert bool((t.view(torch.uint8 if n == 1 else dt) != 0).all()), dt
         assert ref._wire(torch.zeros(6, dtype=dt).as_strided((2, 0), (3, 5))).numel() == 0
+        # One element with a stride on its size-1 dims (contiguous; clone() and view(-1) keep the stride).
+        for t in (torch.zeros(2, 4, dtype=dt)[:1, 1], torch.zeros(2, 4, dtype=dt)[:1, 1:2].t()):
+            got = ref._wire(t)
+            assert got.shape == ((1, n) if n > 1 else t.shape) and got.data_ptr() == t.data_ptr(), (dt, t.stride())
 
 
 def test_signatures_match_the_catalogue() -> None:

@@ -110,6 +110,23 @@ def check_random_routings(rank: int) -> None:
         _check_moe(rank, routings, per_rank * world)
 
 
+def check_top_1_routing_as_a_transposed_view(rank: int) -> None:
+    # [T, 1] ids and weights made by transposing [1, T] ones: contiguous, but with stride T on the size-1
+    # dim, which the packed rows' byte views must not trip over (both modes).
+    world = dist.get_world_size()
+    routings = []
+    for r in range(world):
+        x, ids, w = _random_routing(r, 9 + r, 16, 1, 4, seed=11)
+        routings.append((x, ids.reshape(1, -1).clone().t(), w.reshape(1, -1).clone().t()))
+    x, ids, w = routings[rank]
+    assert ids.is_contiguous() and ids.stride() == (1, ids.shape[0]), ids.stride()
+    _check_moe(rank, routings, 4)  # normal mode
+    ll = ref.ep_dispatch(x, ids, w, num_experts=4, max_tokens_per_rank=16)
+    mats, local = _weights(4, x.shape[1]), 4 // world
+    y = _moe(ll.x, ll.topk_ids, ll.topk_weights, mats[rank * local : (rank + 1) * local])
+    torch.testing.assert_close(ref.ep_combine(y, ll.handle), _moe(x, ids, w, mats), rtol=1e-5, atol=1e-5)
+
+
 def check_int32_ids_and_bf16(rank: int) -> None:
     routings = []
     for r in range(WORLD):
