@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import re
 import sys
@@ -503,7 +504,9 @@ def _prepare_run(args: argparse.Namespace, world: int) -> tuple[hal.Backend, lis
         raise RunError("--op-metrics and --metrics-linger go with --metrics-port [ADDR:]PORT")
     if not 0 <= args.metrics_linger < math.inf:
         raise RunError(f"--metrics-linger: expected a finite number of seconds >= 0, got {args.metrics_linger}")
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    check_sampling(args.max_new_tokens, 0.0, 1.0, where="--max-new-tokens")  # each error names its flag
+    check_sampling(0, args.temperature, 1.0, where="--temperature")
+    check_sampling(0, 0.0, args.top_p, where="--top-p")
     check_seed(args.seed, where="--seed")  # it seeds the random prompts and weights too, before any sampling
     prompts: list[list[int]] | None = None
     tokenizer = None
@@ -1033,6 +1036,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except HALError as exc:
         print(f"hal {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of stdout went away (``hal run --json | head``): no traceback, and no second error
+        # when Python flushes stdout at exit (the recipe of Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

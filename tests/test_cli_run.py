@@ -177,9 +177,32 @@ def test_prompt_ids_outside_the_vocabulary_exit_1_without_output(capsys: pytest.
     assert "hal run: error: --prompt-ids: prompt 1: token ids must lie in [0, 1024) (the vocabulary), got 1024" in err
 
 
-def test_bad_sampling_values_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "--top-p", "0", "--max-new-tokens", "1", "-q"]) == 1
-    assert "top_p must lie in (0, 1]" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top-p", "0"], "--top-p: top_p must lie in (0, 1]"),
+        (["--temperature", "-1"], "--temperature: temperature must be finite and >= 0"),
+        (["--temperature", "nan"], "--temperature: temperature must be finite and >= 0"),
+    ],
+)
+def test_bad_sampling_values_exit_1_naming_the_flag(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--max-new-tokens", "1", "-q", *flags]) == 1
+    assert capsys.readouterr().err.startswith(f"hal run: error: {message}")
+
+
+def test_a_closed_stdout_is_no_traceback() -> None:
+    # `hal run --json | head -c 1`: the reader has gone when the output is written (its end of the pipe
+    # is closed before the run starts, so every write fails with EPIPE).
+    proc = subprocess.Popen(
+        [*HAL, "run", "--json", "-q", "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_quantize_fp8_runs_the_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:

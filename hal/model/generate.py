@@ -299,20 +299,28 @@ def greedy(logits: torch.Tensor) -> list[int]:
 class Sampler:
     """Chooses one token per row of logits: greedy, or temperature + top-p sampling from one generator.
 
+    The sampler serves a batch of ``rows`` sequences. Every sampling call draws one uniform number per
+    sequence of that batch, running or not, and a sequence's token is the one its number picks by
+    inverse transform (the first token whose cumulative probability exceeds it). So the numbers a
+    sequence gets depend on the seed and its place in the batch alone: another sequence stopping early
+    (at an EOS) changes nothing for the others.
+
     :param temperature: 0 is greedy (:func:`greedy`); above 0 samples from ``softmax(logits / temperature)``.
     :param top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p``.
     :param seed: seeds the generator (made on first use, on the logits' device); ``None`` draws a seed.
+    :param rows: the sequences of the batch the sampler serves.
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+    def __init__(self, temperature: float, top_p: float, seed: int | None, *, rows: int = 1) -> None:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
+        self.rows = rows
         self.draws = 0  # calls that sampled (greedy calls draw nothing)
         self._generator: torch.Generator | None = None
 
     def _rng(self, device: torch.device) -> torch.Generator:
-        # Made on first use, on the logits' device: multinomial wants its generator where its input is.
+        # Made on first use, on the logits' device: torch.rand draws on its generator's device.
         if self._generator is None:
             self._generator = torch.Generator(device=device)
             if self.seed is None:
@@ -341,13 +349,22 @@ class Sampler:
             new.manual_seed((self.seed * 1_000_003 + self.draws) % 2**63)
         self._generator = new
 
-    def __call__(self, logits: torch.Tensor) -> list[int]:
-        """:param logits: ``[b, vocab]``. :returns: b token ids."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[int] | None = None) -> list[int]:
+        """:param logits: ``[b, vocab]``.
+        :param rows: each logit row's sequence: its place in the sampler's batch (``None``: ``0..b-1``).
+        :returns: b token ids."""
         if self.temperature == 0:
             return greedy(logits)
+        places = list(range(logits.shape[0])) if rows is None else list(rows)
+        if len(places) != logits.shape[0] or not all(0 <= r < self.rows for r in places):
+            raise GenerationError(
+                f"Sampler: rows must give each of the {logits.shape[0]} logit rows a place in 0..{self.rows - 1}, "
+                f"got {places}"
+            )
         self.draws += 1
-        # Subtract the row maximum before dividing: a small temperature would overflow raw logits to inf.
-        z = logits.float()
+        # Subtract the row maximum before dividing (a small temperature would overflow raw logits to inf),
+        # in float64: a temperature below float32's smallest number would be 0 there, and 0 / 0 NaN.
+        z = logits.double()
         z = (z - z.max(dim=-1, keepdim=True).values) / self.temperature
         probs = torch.softmax(z, dim=-1)
         if self.top_p < 1:
@@ -360,8 +377,14 @@ class Sampler:
             dropped[..., 0] = False  # even when top_p rounds to 0 in float32
             sorted_p = sorted_p.masked_fill(dropped, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        choice = torch.multinomial(probs, num_samples=1, generator=self._rng(probs.device))
-        return [int(t) for t in choice.squeeze(-1).tolist()]
+        # One number per sequence of the batch, whichever are running; each row takes its sequence's.
+        u = torch.rand(self.rows, generator=self._rng(probs.device), device=probs.device, dtype=torch.float64)
+        u = u[torch.tensor(places, device=probs.device)]
+        cdf = torch.cumsum(probs, dim=-1)
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        # u * total may round up to the total: never past the last token with any probability.
+        last = probs.shape[-1] - 1 - torch.argmax((probs.flip(-1) > 0).to(torch.int8), dim=-1)
+        return [int(t) for t in torch.minimum(choice, last).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,7 +446,7 @@ def generate(
                 f"{KV_BLOCK_SIZE} tokens (num_blocks=None reserves all that generation can use)"
             )
     level = logging.INFO if progress else logging.DEBUG
-    sampler = Sampler(temperature, top_p, seed)
+    sampler = Sampler(temperature, top_p, seed, rows=len(ids))
     backend = model.backend
     batch = len(ids)
     tokens: list[list[int]] = [[] for _ in ids]
@@ -460,7 +483,7 @@ def generate(
                 f"can use {need} blocks of {KV_BLOCK_SIZE} tokens (num_blocks=None reserves them)"
             ) from exc
         decode_tokens += len(active)
-        active = _advance(sampler(logits), active, tokens, reasons, eos, steps, cache)
+        active = _advance(sampler(logits, active), active, tokens, reasons, eos, steps, cache)
         if time.perf_counter() - last_log >= _PROGRESS_EVERY_S:
             last_log = time.perf_counter()
             done = max(len(t) for t in tokens)

@@ -188,6 +188,7 @@ class _Job:
         "future",
         "id",
         "prompt",
+        "row",
         "sampler",
         "started_at",
         "steps",
@@ -203,14 +204,17 @@ class _Job:
         eos: frozenset[int],
         sampler: Sampler | None,
         blocks: int,
+        row: int = 0,
     ) -> None:
         self.id = job_id
         self.prompt = prompt
         self.steps = steps
         self.eos = eos
         # None: greedy, chosen for the whole batch at once. Jobs may share one sampler
-        # (generate_batched): it then draws once per step for all of its rows, as generate() does.
+        # (generate_batched): it then draws once per step for all of its rows, as generate() does;
+        # ``row`` is the job's place in the sampler's batch (0 for a request's own sampler).
         self.sampler = sampler
+        self.row = row
         self.blocks = blocks
         self.future: Future[RequestResult] = Future()
         self.submitted_at = time.perf_counter()
@@ -454,7 +458,7 @@ class AutoBatcher:
     def _process(self, requests: Sequence[Request], sampler: Sampler | None = None) -> list[RequestResult]:
         """:meth:`process` of checked-to-be :class:`Request` objects; ``sampler``: one sampler shared by
         every sampled request (:func:`generate_batched`)."""
-        jobs = [self._job(r, sampler) for r in requests]  # every request is checked before any is queued
+        jobs = [self._job(r, sampler, i) for i, r in enumerate(requests)]  # all checked before any is queued
         self._enqueue(jobs)
         futures = [job.future for job in jobs]
         wait(futures)  # all of them, failed ones included: nothing of this call is left running
@@ -531,7 +535,8 @@ class AutoBatcher:
     # Submission (caller threads)
     # ------------------------------------------------------------------------------------------
 
-    def _job(self, r: Request, shared: Sampler | None = None) -> _Job:
+    def _job(self, r: Request, shared: Sampler | None = None, row: int = 0) -> _Job:
+        """``r`` checked, as a job; ``shared``: the sampler of a batch of requests, ``row`` ``r``'s place in it."""
         where = "AutoBatcher.submit"
         cfg = self._model.cfg
         steps, temperature, top_p = check_sampling(r.max_new_tokens, r.temperature, r.top_p, where=where)
@@ -549,7 +554,7 @@ class AutoBatcher:
         with self._cond:
             job_id = self._next_id
             self._next_id += 1
-        return _Job(job_id, prompt, steps, eos, sampler, blocks)
+        return _Job(job_id, prompt, steps, eos, sampler, blocks, row if sampler is shared else 0)
 
     def _enqueue(self, jobs: list[_Job]) -> None:
         failed: list[tuple[_Job, BaseException]] = []
@@ -709,7 +714,8 @@ class AutoBatcher:
         chosen = [0] * len(jobs)
         for sampler, rows in groups.values():
             part = logits if len(rows) == len(jobs) else logits[rows]
-            for i, t in zip(rows, greedy(part) if sampler is None else sampler(part), strict=True):
+            chosen_part = greedy(part) if sampler is None else sampler(part, [jobs[i].row for i in rows])
+            for i, t in zip(rows, chosen_part, strict=True):
                 chosen[i] = t
         return chosen
 
@@ -909,14 +915,15 @@ def generate_batched(
 
     The tokens are :func:`~hal.model.generate.generate`'s, sampled ones included: every prompt runs in
     one batch (by default ``max_batch_size`` is the number of prompts and ``num_blocks`` the cache
-    ``generate`` makes) and the sampled requests share one generator seeded ``seed``, which draws once
-    per step for the running sequences in prompt order, as ``generate``'s does. A smaller
+    ``generate`` makes) and the sampled requests share one sampler seeded ``seed``, which draws one number
+    per prompt at each step, as ``generate``'s does. A smaller
     ``max_batch_size`` or ``num_blocks`` in ``batcher_kwargs`` splits the batch: greedy tokens stay the
     same, sampled ones are then reproducible but not ``generate``'s.
     """
     steps, temperature, top_p = check_sampling(max_new_tokens, temperature, top_p, where="generate_batched")
     checked = check_prompts(prompts, model.cfg, steps, where="generate_batched")
-    sampler = None if temperature == 0 else Sampler(temperature, top_p, check_seed(seed, where="generate_batched"))
+    seed = check_seed(seed, where="generate_batched")
+    sampler = None if temperature == 0 else Sampler(temperature, top_p, seed, rows=len(checked))
     batcher_kwargs.setdefault("max_batch_size", len(checked))
     batcher_kwargs.setdefault("num_blocks", default_num_blocks(checked, steps))
     with AutoBatcher(model, **batcher_kwargs) as batcher:

@@ -20,7 +20,7 @@ from hal.errors import HALError
 from hal.kvcache import PagedKVCache
 from hal.model import tiny_config
 from hal.model.config import ModelConfig
-from hal.model.generate import GenerationError, NonFiniteLogitsError, generate
+from hal.model.generate import GenerationError, NonFiniteLogitsError, Sampler, generate
 
 LogitsFn = Callable[[int], torch.Tensor]
 
@@ -236,6 +236,42 @@ def test_sampling_is_reproducible_with_a_seed_and_differs_with_another(cpu: hal.
     assert run(None) != run(None)  # no seed: a fresh one each time
 
 
+def test_a_sequence_samples_the_same_tokens_whatever_the_others_do(cpu: hal.Backend) -> None:
+    # With an EOS, sequences stop at different steps; each one's tokens must be what it drew without the
+    # EOS, cut at its first EOS: the others stopping changes nothing for it.
+    def run(eos: list[int]) -> list[list[int]]:
+        model = FakeModel(cpu, vocab=64, logits_fn=uniform(64))
+        return generate(
+            model, [[1], [2], [3], [4]], max_new_tokens=24, temperature=1.0, seed=5, eos_token_ids=eos
+        ).tokens
+
+    free = run([])
+    eos = free[0][3]  # sequence 0 stops at step 4 at the latest
+    stopped = run([eos])
+    for got, drawn in zip(stopped, free, strict=True):
+        cut = drawn.index(eos) + 1 if eos in drawn else len(drawn)
+        assert got == drawn[:cut]
+    assert sum(len(t) for t in stopped) < sum(len(t) for t in free)  # some did stop early
+
+
+def test_sampler_draws_from_the_distribution() -> None:
+    # One call over 20000 rows with the same logits: the frequencies are softmax(logits / temperature).
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    for temperature in (0.5, 1.0, 2.0):
+        sampler = Sampler(temperature, 1.0, seed=0, rows=20000)
+        drawn = torch.tensor(sampler(logits.expand(20000, -1)))
+        freq = torch.bincount(drawn, minlength=5).double() / 20000
+        torch.testing.assert_close(freq, torch.softmax(logits.double() / temperature, -1), atol=0.015, rtol=0)
+
+
+def test_sampler_rows_must_be_places_in_its_batch() -> None:
+    sampler = Sampler(1.0, 1.0, seed=0, rows=2)
+    assert len(sampler(torch.zeros(2, 8), [1, 0])) == 2
+    for rows in ([0], [0, 2], [-1, 0]):
+        with pytest.raises(GenerationError, match=r"rows must give each of the 2 logit rows a place in 0\.\.1"):
+            sampler(torch.zeros(2, 8), rows)
+
+
 def test_small_top_p_keeps_only_the_most_likely_token(cpu: hal.Backend) -> None:
     g = torch.Generator().manual_seed(0)
     table = torch.randn(16, 16, generator=g)  # logits depend on the last token; unique maxima
@@ -261,8 +297,11 @@ def test_top_p_samples_only_inside_the_nucleus(cpu: hal.Backend) -> None:
 def test_low_temperature_sampling_is_greedy_and_does_not_overflow(cpu: hal.Backend) -> None:
     table = torch.randn(16, 16, generator=torch.Generator().manual_seed(1)) * 1e4
     model = FakeModel(cpu, logits_fn=lambda last: table[last])
-    sampled = generate(model, [[1]], max_new_tokens=8, temperature=1e-6, seed=0).tokens
-    assert sampled == generate(FakeModel(cpu, logits_fn=lambda last: table[last]), [[1]], max_new_tokens=8).tokens
+    greedy = generate(FakeModel(cpu, logits_fn=lambda last: table[last]), [[1]], max_new_tokens=8).tokens
+    # 1e-300 and the smallest double are 0 in float32, where (z - max) / temperature would be 0 / 0.
+    for temperature in (1e-6, 1e-40, 1e-300, 5e-324):
+        model = FakeModel(cpu, logits_fn=lambda last: table[last])
+        assert generate(model, [[1]], max_new_tokens=8, temperature=temperature, seed=0).tokens == greedy, temperature
 
 
 # ---------------------------------------------------------------------------------------------------
