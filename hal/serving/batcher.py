@@ -455,10 +455,13 @@ class AutoBatcher:
             checked.append(r)
         return self._process(checked)
 
-    def _process(self, requests: Sequence[Request], sampler: Sampler | None = None) -> list[RequestResult]:
+    def _process(
+        self, requests: Sequence[Request], sampler: Sampler | None = None, where: str = "AutoBatcher.process"
+    ) -> list[RequestResult]:
         """:meth:`process` of checked-to-be :class:`Request` objects; ``sampler``: one sampler shared by
         every sampled request (:func:`generate_batched`)."""
-        jobs = [self._job(r, sampler, i) for i, r in enumerate(requests)]  # all checked before any is queued
+        # Every request is checked before any is queued; an error names the request.
+        jobs = [self._job(r, sampler, i, f"{where}: request {i}") for i, r in enumerate(requests)]
         self._enqueue(jobs)
         futures = [job.future for job in jobs]
         wait(futures)  # all of them, failed ones included: nothing of this call is left running
@@ -510,9 +513,15 @@ class AutoBatcher:
                 cancelled = list(self._waiting)
                 self._waiting.clear()
                 self._counts["cancelled"] += len(cancelled)
+                self._metrics.set_load(
+                    len(self._running), 0, self._cache.num_used_blocks, self._reserved, self.num_blocks
+                )
             self._cond.notify_all()
         for job in cancelled:
             job.future.cancel()
+            # cancel() alone wakes no waiter: concurrent.futures.wait() (and process()) would never
+            # count the future as done. This does, once, for a future no one else will touch.
+            job.future.set_running_or_notify_cancel()
         if cancelled:
             self._metrics.observe_outcome("cancelled", len(cancelled))
         if wait and threading.current_thread() is not self._thread:
@@ -535,9 +544,9 @@ class AutoBatcher:
     # Submission (caller threads)
     # ------------------------------------------------------------------------------------------
 
-    def _job(self, r: Request, shared: Sampler | None = None, row: int = 0) -> _Job:
-        """``r`` checked, as a job; ``shared``: the sampler of a batch of requests, ``row`` ``r``'s place in it."""
-        where = "AutoBatcher.submit"
+    def _job(self, r: Request, shared: Sampler | None = None, row: int = 0, where: str = "AutoBatcher.submit") -> _Job:
+        """``r`` checked, as a job; ``shared``: the sampler of a batch of requests, ``row`` ``r``'s place in
+        it; ``where`` starts the error messages."""
         cfg = self._model.cfg
         steps, temperature, top_p = check_sampling(r.max_new_tokens, r.temperature, r.top_p, where=where)
         prompt = check_prompts([r.prompt_ids], cfg, steps, where=where)[0]
@@ -760,7 +769,13 @@ class AutoBatcher:
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         job.done = True
-        if job.future.done():  # cancelled while queued: nothing to report
+        if job.future.cancelled():  # cancelled by its caller while queued, and now taken off the queue
+            job.future.set_running_or_notify_cancel()  # wakes its waiters (cancel() did not)
+            with self._cond:
+                self._counts["cancelled"] += 1
+            self._metrics.observe_outcome("cancelled")
+            return
+        if job.future.done():
             return
         with self._cond:
             self._counts["failed"] += 1
@@ -928,7 +943,7 @@ def generate_batched(
     batcher_kwargs.setdefault("num_blocks", default_num_blocks(checked, steps))
     with AutoBatcher(model, **batcher_kwargs) as batcher:
         requests = [Request(p, max_new_tokens, temperature, top_p, seed, eos_token_ids) for p in checked]
-        results = batcher._process(requests, sampler)
+        results = batcher._process(requests, sampler, "generate_batched")
         stats = batcher.stats()
         backend = batcher.backend
     return GenerationResult(

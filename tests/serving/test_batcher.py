@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, wait
 
 import pytest
 
@@ -156,8 +156,10 @@ def test_bad_input_raises_at_submit_and_queues_nothing(model: DeepseekModel) -> 
             batcher.submit([1, 5000], 4)
         with pytest.raises(GenerationError, match=r"AutoBatcher\.submit: max_new_tokens must be >= 0"):
             batcher.submit([1, 2], -1)
-        with pytest.raises(GenerationError, match=r"AutoBatcher\.submit: prompt 0 is empty"):
+        with pytest.raises(GenerationError, match=r"AutoBatcher\.process: request 1: prompt 0 is empty"):
             batcher.process([Request([3, 4], 2), Request([], 2)])  # checked before any is queued
+        with pytest.raises(GenerationError, match=r"AutoBatcher\.process: request 2: prompt 0: token ids must"):
+            batcher.process([Request([3, 4], 2), Request([1, 2], 2), Request([1, 5000], 2)])
         assert batcher.stats().submitted == 0
         with pytest.raises(TypeError, match="pass max_new_tokens"):
             batcher.process([[1, 2]])
@@ -208,10 +210,36 @@ def test_close_drains_then_refuses_and_can_cancel_queued_requests(model: Deepsee
     assert batcher.stats().running == 1 and batcher.stats().waiting == 3
     batcher.close(wait=False, cancel_pending=True)  # the queued ones are cancelled ...
     assert all(f.cancelled() for f in futures[1:])
+    assert not wait(futures[1:], timeout=5).not_done  # ... and waiters see them done (cancel() alone: never)
     gate.set()
     batcher.close()  # ... and the running one finishes
     assert futures[0].result(timeout=0).tokens == one_at_a_time(model, prompts[:1], [20])[0]
     assert batcher.stats().cancelled == 3 and batcher.stats().finished == 1
+
+
+def test_process_raises_cancelled_when_its_queued_requests_are_cancelled(model: DeepseekModel) -> None:
+    gate = threading.Event()
+    batcher = hal.AutoBatcher(RecordingModel(model, gate=gate), max_batch_size=1, timeout_ms=0, num_blocks=4)
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            batcher.process([Request([1, 2, 3], 4), Request([4, 5, 6], 4)])  # the second one waits
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while batcher.stats().waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    batcher.close(wait=False, cancel_pending=True)
+    gate.set()
+    batcher.close()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "process() never returned"
+    assert len(outcome) == 1 and isinstance(outcome[0], CancelledError)
 
 
 def test_futures_are_resolved_with_the_batcher_lock_released(model: DeepseekModel) -> None:

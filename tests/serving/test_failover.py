@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,22 @@ def test_with_no_backend_left_every_request_fails_with_each_reason(cfg: ModelCon
     assert not book.is_healthy("flaky")
     book.clear("flaky")
     assert book.is_healthy("flaky") and failover.candidates() == ["flaky"]
+
+
+def test_a_queued_request_cancelled_before_the_give_up_is_seen_done(cfg: ModelConfig, weights: dict[str, Any]) -> None:
+    # The give-up takes it off the queue: wait() must see it done (cancel() alone wakes no waiter), and it
+    # counts as cancelled, so every submitted request has one outcome.
+    registry, _ = flaky_registry(50)
+    failover = Failover(
+        lambda be: DeepseekModel(cfg, be, weights), registry=registry, backends=["flaky"], book=HealthBook()
+    )
+    with hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=2, num_blocks=4) as batcher:
+        running = [batcher.submit(p, 6) for p in prompts_for(2, cfg.vocab_size)]
+        queued = batcher.submit([1, 2, 3], 6)  # the batch is full: it waits
+        assert queued.cancel()
+        assert not wait([queued, *running], timeout=30).not_done
+        stats = batcher.stats()
+    assert stats.cancelled == 1 and stats.failed == 2 and stats.submitted == 3
 
 
 # torch.AcceleratorError exists from torch 2.8 on: built when the parameters are, never at collection.
