@@ -116,6 +116,18 @@ def test_metrics_live_in_their_own_registry(model: DeepseekModel) -> None:
     assert "hal_" not in generate_latest(REGISTRY).decode()  # the process-global registry is untouched
 
 
+def test_cancelled_queued_requests_leave_the_waiting_gauge(model: DeepseekModel) -> None:
+    # Cancelled in the batching window, before any step: no later step refreshes the gauges, close() must.
+    metrics = ServingMetrics()
+    batcher = hal.AutoBatcher(model, max_batch_size=8, timeout_ms=60_000, num_blocks=4, metrics=metrics)
+    futures = [batcher.submit([1, 2, 3], 4) for _ in range(3)]
+    assert "hal_requests_waiting 3.0" in metrics.exposition().splitlines()
+    batcher.close(cancel_pending=True)
+    assert all(f.cancelled() for f in futures)
+    lines = metrics.exposition().splitlines()
+    assert "hal_requests_waiting 0.0" in lines and 'hal_requests_total{outcome="cancelled"} 3.0' in lines
+
+
 def test_a_missing_prometheus_client_names_the_extra(model: DeepseekModel, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # what `import` sees when it is not installed
     with pytest.raises(MetricsUnavailableError, match=r"pip install 'hal-accel\[metrics\]'"):
