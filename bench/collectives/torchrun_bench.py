@@ -6,7 +6,8 @@ The same measurements as ``test_collectives_bench.py`` (which runs 2 gloo proces
 world size and transport, one device per rank: ``all_reduce`` and ``all_to_all`` against plain
 ``torch.distributed`` on the same bytes, and HAL's ``ep_dispatch`` (FP8 tokens with scales) and
 ``ep_combine`` (bf16) in normal (``hal``) and low-latency (``hal-ll``) mode against one plain
-``all_to_all_single`` of the routed rows with the op's splits. Payloads, routings and byte counts are
+``all_to_all_single`` of the routed rows with the op's splits, a rank's own rows included (``over_baseline``)
+and left out (``over_remote_rows``: the rows HAL's normal mode sends). Payloads, routings and byte counts are
 :mod:`hal.bench.collectives`'s: the shape set's (``--shapes``, default the device's), 256 experts split
 evenly between the ranks (ep ops need a world size that divides 256).
 
@@ -39,6 +40,7 @@ from hal.bench.collectives import (
     HAL_IMPLS,
     IMPLS,
     NUM_EXPERTS,
+    REMOTE_ROWS,
     bandwidth,
     call,
     nbytes,
@@ -77,10 +79,11 @@ def _slowest(times: list[float], world: int) -> list[float]:
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'op':12s} {'shape':22s} {'impl':36s} {'time us':>10s} {'algbw GB/s':>11s} {'busbw GB/s':>11s} "
-          f"{'sent GB/s':>10s} {'HAL/base':>9s}")  # fmt: skip
+          f"{'sent GB/s':>10s} {'HAL/base':>9s} {'HAL/remote':>10s}")  # fmt: skip
     for r in rows:
         sent = f"{r['wire_gbps']:10.2f}" if "wire_gbps" in r else f"{'':10s}"
         ratio = f"{r['over_baseline']:8.2f}x" if "over_baseline" in r else ""
+        ratio += f" {r['over_remote_rows']:9.2f}x" if "over_remote_rows" in r else ""
         print(f"{r['op']:12s} {r['shape']:22s} {r['impl']:36s} {r['seconds'] * 1e6:10.1f} {r['algbw_gbps']:11.2f} "
               f"{r['busbw_gbps']:11.2f} {sent} {ratio}")  # fmt: skip
 
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows[-len(IMPLS[op]) :]:
                 if row["impl"] in HAL_IMPLS:
                     row["over_baseline"] = timed[row["impl"]] / timed[base]
+                    if REMOTE_ROWS in timed:  # ep ops: also over the exchange of the rows that change rank
+                        row["over_remote_rows"] = timed[row["impl"]] / timed[REMOTE_ROWS]
             if rank == 0:
                 print(f"[{op} {shape.id}] " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in timed.items()), flush=True)
 

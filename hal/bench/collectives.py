@@ -20,11 +20,14 @@ benchmark times the combine alone).
 
 Each is compared with plain ``torch.distributed`` moving the same bytes (``all_reduce`` in place,
 ``all_to_all_single`` into a fresh output, as HAL's ``all_to_all`` returns one). For ``ep_dispatch`` and
-``ep_combine`` the baseline is one ``all_to_all_single`` of the routed rows with the op's per-rank
-splits (dispatch: one row per (token, destination rank) of x, scales, expert ids and weights; combine:
-the received rows back), a rank's rows for itself included, as a plain exchange copies them; so the
-ratio is what the layer costs over moving the payload: the count exchange, routing, packing, the
-per-token sum, less what it saves. Both modes of the ops are timed against that same baseline: ``hal``
+``ep_combine`` there are two baselines, both one ``all_to_all_single`` of the routed rows with the op's
+per-rank splits (dispatch: one row per (token, destination rank) of x, scales, expert ids and weights;
+combine: the received rows back): ``torch.distributed.all_to_all_single`` with a rank's rows for itself
+included, as a plain exchange of the payload copies them, and :data:`REMOTE_ROWS` without them, which
+is the exchange HAL's normal mode actually makes. Over the first, the ratio is what the layer costs
+over moving the payload by hand (the count exchange, routing, packing, the per-token sum) less what it
+saves by keeping the own rows; over the second, what it costs over the bytes it sends, with nothing
+saved. Both modes of the ops are timed against both baselines: ``hal``
 (normal mode: a rank's own rows never travel) and ``hal-ll`` (low-latency mode, ``max_tokens_per_rank
 = T``: one fixed-size exchange of ``T`` slots to each other rank, whatever the routing, while a rank's
 own rows stay where they are written; its rows also carry every rank's local ids and weights); their
@@ -56,6 +59,7 @@ __all__ = [
     "HAL_IMPLS",
     "IMPLS",
     "NUM_EXPERTS",
+    "REMOTE_ROWS",
     "WORLD",
     "EpPayload",
     "Pair",
@@ -70,12 +74,15 @@ __all__ = [
 ]
 
 WORLD = 2
+#: The second baseline of ``ep_dispatch`` / ``ep_combine``: one ``all_to_all_single`` of only the routed
+#: rows that change rank (a rank's rows for itself stay out, as HAL's normal mode keeps them).
+REMOTE_ROWS = "torch.distributed.all_to_all_single.remote-rows"
 #: The implementations timed per collective: HAL's op, and plain torch.distributed on the same bytes.
 IMPLS: dict[str, tuple[str, ...]] = {
     "all_reduce": ("hal", "torch.distributed.all_reduce"),
     "all_to_all": ("hal", "torch.distributed.all_to_all_single"),
-    "ep_dispatch": ("hal", "hal-ll", "torch.distributed.all_to_all_single"),
-    "ep_combine": ("hal", "hal-ll", "torch.distributed.all_to_all_single"),
+    "ep_dispatch": ("hal", "hal-ll", "torch.distributed.all_to_all_single", REMOTE_ROWS),
+    "ep_combine": ("hal", "hal-ll", "torch.distributed.all_to_all_single", REMOTE_ROWS),
 }
 #: HAL implementations (the rest are baselines): ``hal-ll`` is the op's low-latency mode
 #: (``max_tokens_per_rank`` = the tokens of a rank: one fixed-size exchange).
@@ -208,9 +215,16 @@ def _ep_call(backend: Backend, op: str, impl: str, c: EpPayload) -> Callable[[],
         y, handle = (c.y_ll, c.handle_ll) if ll else (c.y, c.handle)
         return lambda: fn(y, handle)
 
+    send, recv, wire = c.wire_send, c.wire_recv, c.wire
+    if impl == REMOTE_ROWS:  # the own rows out: the exchange HAL's normal mode makes of the payload
+        rank = dist.get_rank()
+        send = [0 if r == rank else n for r, n in enumerate(send)]
+        recv = [0 if r == rank else n for r, n in enumerate(recv)]
+        wire = c.wire.new_zeros(sum(send), c.wire.shape[1])
+
     def all_to_all_single() -> torch.Tensor:
-        out = c.wire.new_empty(sum(c.wire_recv), c.wire.shape[1])
-        dist.all_to_all_single(out, c.wire, output_split_sizes=c.wire_recv, input_split_sizes=c.wire_send)
+        out = wire.new_empty(sum(recv), wire.shape[1])
+        dist.all_to_all_single(out, wire, output_split_sizes=recv, input_split_sizes=send)
         return out
 
     return all_to_all_single
@@ -256,7 +270,7 @@ def bandwidth(op: str, t: Any, seconds: float, impl: str = "hal", world: int = W
     out = {"bytes": float(size), "algbw_gbps": alg, "busbw_gbps": alg * factor}
     if isinstance(t, EpPayload):
         wire = t.wire.numel() * t.wire.element_size()
-        if impl == "hal":  # the own rows stay
+        if impl in ("hal", REMOTE_ROWS):  # the own rows stay
             wire -= t.wire_own * t.wire.shape[1]
         if impl == "hal-ll":  # T slots to each other rank; a dispatch row carries every rank's ids and weights
             top_k = t.topk_ids.shape[1]

@@ -39,6 +39,7 @@ def test_every_case_gets_a_row_on_two_gloo_ranks(tmp_path: Path) -> None:
         assert r["seconds"] > 0 and r["rounds"] == 2 and r["bytes"] > 0
         assert r["algbw_gbps"] == pytest.approx(r["bytes"] / r["seconds"] / 1e9)
         assert ("over_baseline" in r) == (r["impl"] in HAL_IMPLS)
+        assert ("over_remote_rows" in r) == (r["impl"] in HAL_IMPLS and r["op"].startswith("ep_"))
         assert ("wire_bytes" in r) == r["op"].startswith("ep_")
     # One table, printed by rank 0 only: a line per row.
     assert sum(line.startswith(("all_reduce ", "all_to_all ", "ep_dispatch ", "ep_combine ")) for line in
