@@ -291,6 +291,11 @@ def default_num_blocks(prompts: Sequence[Sequence[int]], max_new_tokens: int) ->
 # ---------------------------------------------------------------------------------------------------
 
 
+#: Temperatures below float32's smallest normal number choose greedily: dividing the logits by one in
+#: float32 could divide by 0 (0 / 0 is NaN for the most likely token), and greedy is sampling's limit.
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def greedy(logits: torch.Tensor) -> list[int]:
     """The ``argmax`` of each row of ``[b, vocab]`` logits (ties go to the lowest id)."""
     return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
@@ -305,7 +310,8 @@ class Sampler:
     sequence gets depend on the seed and its place in the batch alone: another sequence stopping early
     (at an EOS) changes nothing for the others.
 
-    :param temperature: 0 is greedy (:func:`greedy`); above 0 samples from ``softmax(logits / temperature)``.
+    :param temperature: 0 is greedy (:func:`greedy`), and so is anything below float32's smallest normal
+        number (about 1.2e-38); above, samples from ``softmax(logits / temperature)``.
     :param top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p``.
     :param seed: seeds the generator (made on first use, on the logits' device); ``None`` draws a seed.
     :param rows: the sequences of the batch the sampler serves.
@@ -353,7 +359,7 @@ class Sampler:
         """:param logits: ``[b, vocab]``.
         :param rows: each logit row's sequence: its place in the sampler's batch (``None``: ``0..b-1``).
         :returns: b token ids."""
-        if self.temperature == 0:
+        if self.temperature < _TINY:  # 0, or so small that float32 would divide by 0: greedy, the limit
             return greedy(logits)
         places = list(range(logits.shape[0])) if rows is None else list(rows)
         if len(places) != logits.shape[0] or not all(0 <= r < self.rows for r in places):
@@ -362,9 +368,9 @@ class Sampler:
                 f"got {places}"
             )
         self.draws += 1
-        # Subtract the row maximum before dividing (a small temperature would overflow raw logits to inf),
-        # in float64: a temperature below float32's smallest number would be 0 there, and 0 / 0 NaN.
-        z = logits.double()
+        # Subtract the row maximum before dividing: a small temperature would overflow raw logits to inf.
+        # In float32, on the logits' device (some accelerators lack float64).
+        z = logits.float()
         z = (z - z.max(dim=-1, keepdim=True).values) / self.temperature
         probs = torch.softmax(z, dim=-1)
         if self.top_p < 1:
@@ -378,7 +384,7 @@ class Sampler:
             sorted_p = sorted_p.masked_fill(dropped, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         # One number per sequence of the batch, whichever are running; each row takes its sequence's.
-        u = torch.rand(self.rows, generator=self._rng(probs.device), device=probs.device, dtype=torch.float64)
+        u = torch.rand(self.rows, generator=self._rng(probs.device), device=probs.device)
         u = u[torch.tensor(places, device=probs.device)]
         cdf = torch.cumsum(probs, dim=-1)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
