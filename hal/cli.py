@@ -1033,14 +1033,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return rc
     except HALError as exc:
         print(f"hal {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader of stdout went away (``hal run --json | head``): no traceback, and no second error
         # when Python flushes stdout at exit (the recipe of Python's signal docs).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a file descriptor (embedded, captured)
+            pass
         return 1
 
 

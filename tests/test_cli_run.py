@@ -195,8 +195,9 @@ def test_bad_sampling_values_exit_1_naming_the_flag(
 def test_a_closed_stdout_is_no_traceback() -> None:
     # `hal run --json | head -c 1`: the reader has gone when the output is written (its end of the pipe
     # is closed before the run starts, so every write fails with EPIPE).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
     proc = subprocess.Popen(
-        [*HAL, "run", "--json", "-q", "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*HAL, "run", "--json", "-q", "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -46,7 +45,12 @@ def _rows(run: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         info = bench.get("extra_info") or {}
         if "op" not in info:
             continue
-        rows.setdefault(f"{info['op']} {info['shape']}", {})[info["impl"]] = {
+        if info["impl"] not in KEYS:
+            raise SystemExit(f"summarize.py: unknown implementation {info['impl']!r}; known: {', '.join(KEYS)}")
+        row = rows.setdefault(f"{info['op']} {info['shape']}", {})
+        if info["impl"] in row:
+            raise SystemExit(f"summarize.py: {info['op']} {info['shape']} {info['impl']} twice in one run")
+        row[info["impl"]] = {
             **info,
             "median": bench["stats"]["median"],
         }
@@ -61,7 +65,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for name in names:
         held = [rows[name] for rows in per_run if name in rows]
         impls = list(held[0])
-        if any(list(h) != impls for h in held):
+        if any(set(h) != set(impls) for h in held):
             raise SystemExit(f"summarize.py: {name}: the runs timed different implementations")
         row: dict[str, Any] = {}
         for impl in impls:
@@ -80,6 +84,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _minute(stamp: str) -> str:
+    """pytest-benchmark's ISO ``datetime`` as ``YYYY-MM-DDTHH:MMZ`` (UTC)."""
+    when = datetime.datetime.fromisoformat(stamp)
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%MZ")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files, one per run")
@@ -91,17 +103,24 @@ def main(argv: list[str] | None = None) -> int:
         runs = [json.loads(p.read_text(encoding="utf-8")) for p in args.runs]
     except (OSError, ValueError) as exc:
         parser.error(f"cannot read a run: {exc}")
+    machines = {json.dumps(r.get("machine_info", {}).get("node")) for r in runs}
+    if len(machines) > 1:
+        parser.error(f"the runs come from different machines: {', '.join(sorted(machines))}")
     machine = runs[0].get("machine_info", {})
+    dates = sorted(r["datetime"] for r in runs if "datetime" in r)
     import torch
 
     summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "date": _minute(dates[-1]) if dates else None,  # when the last run was made
+        "first_run": _minute(dates[0]) if dates else None,
         "command": args.command,
         "machine": {
             "cpu": machine.get("cpu", {}).get("brand_raw"),
-            "cores": os.cpu_count(),
+            "cores": machine.get("cpu", {}).get("count"),
             "transport": "gloo over loopback TCP, 2 processes on the same host",
         },
+        # torch is not in pytest-benchmark's machine_info: this is the summarizing environment's, the
+        # one that made the runs when summarize.py runs in the same virtual environment.
         "versions": {"python": machine.get("python_version"), "torch": torch.__version__},
         "runs": [str(p) for p in args.runs],
         "rows": summarize(runs),

@@ -314,10 +314,11 @@ class Sampler:
         number (about 1.2e-38); above, samples from ``softmax(logits / temperature)``.
     :param top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p``.
     :param seed: seeds the generator (made on first use, on the logits' device); ``None`` draws a seed.
-    :param rows: the sequences of the batch the sampler serves.
+    :param rows: the sequences of the batch the sampler serves; ``None``: each call's logit rows are
+        the batch (one number per row), as for one request or one fixed batch.
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None, *, rows: int = 1) -> None:
+    def __init__(self, temperature: float, top_p: float, seed: int | None, *, rows: int | None = None) -> None:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
@@ -361,11 +362,13 @@ class Sampler:
         :returns: b token ids."""
         if self.temperature < _TINY:  # 0, or so small that float32 would divide by 0: greedy, the limit
             return greedy(logits)
+        batch = logits.shape[0] if self.rows is None else self.rows
         places = list(range(logits.shape[0])) if rows is None else list(rows)
-        if len(places) != logits.shape[0] or not all(0 <= r < self.rows for r in places):
+        valid = all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < batch for r in places)
+        if len(places) != logits.shape[0] or not valid or len(set(places)) != len(places):
             raise GenerationError(
-                f"Sampler: rows must give each of the {logits.shape[0]} logit rows a place in 0..{self.rows - 1}, "
-                f"got {places}"
+                f"Sampler: rows must give each of the {logits.shape[0]} logit rows its own place in "
+                f"0..{batch - 1}, got {places}"
             )
         self.draws += 1
         # Subtract the row maximum before dividing: a small temperature would overflow raw logits to inf.
@@ -384,8 +387,8 @@ class Sampler:
             sorted_p = sorted_p.masked_fill(dropped, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         # One number per sequence of the batch, whichever are running; each row takes its sequence's.
-        u = torch.rand(self.rows, generator=self._rng(probs.device), device=probs.device)
-        u = u[torch.tensor(places, device=probs.device)]
+        u = torch.rand(batch, generator=self._rng(probs.device), device=probs.device)
+        u = u[torch.tensor(places, dtype=torch.long, device=probs.device)]
         cdf = torch.cumsum(probs, dim=-1)
         choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
         # u * total may round up to the total: never past the last token with any probability.

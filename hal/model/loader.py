@@ -579,13 +579,14 @@ def _fp8(
 ) -> Weight:
     scale_path = entries[scale_key].path
     s = _get(handles[scale_path], scale_path, scale_key).float()  # dtypes were checked from the headers
-    # A block's scale multiplies every value in it: zero, negative or NaN scales give finite garbage
-    # (or NaN everywhere) that no later check could trace back here. They are tiny: check them all.
-    bad = int((~((s > 0) & torch.isfinite(s))).sum())
+    # A block's scale multiplies every value in it: a negative one flips the block's signs (finite
+    # garbage no later check could trace back here), NaN or inf poisons it. Zero is a block of zeros
+    # (a quantizer without an amax floor writes it for an all-zero block). They are tiny: check them all.
+    bad = int((~((s >= 0) & torch.isfinite(s))).sum())
     if bad:
         raise ModelLoadError(
-            f"{scale_path}: {scale_key}: {bad} of {s.numel()} scales are zero, negative, NaN or inf; "
-            "FP8 block scales must be positive and finite"
+            f"{scale_path}: {scale_key}: {bad} of {s.numel()} scales are negative, NaN or inf; "
+            "FP8 block scales must be finite and >= 0"
         )
     if dequantize:
         return dequantize_fp8_blocks(q, s, block=FP8_BLOCK).to(dtype)

@@ -769,8 +769,10 @@ class AutoBatcher:
 
     def _fail(self, job: _Job, exc: BaseException) -> None:
         job.done = True
-        if job.future.cancelled():  # cancelled by its caller while queued, and now taken off the queue
-            job.future.set_running_or_notify_cancel()  # wakes its waiters (cancel() did not)
+        # A job never admitted may be cancelled by its caller at any moment: claim its future in one step
+        # (a cancelled one is then notified, as cancel() alone wakes no waiter; a pending one can no
+        # longer be cancelled between a check and set_exception).
+        if job.started_at is None and not job.future.set_running_or_notify_cancel():
             with self._cond:
                 self._counts["cancelled"] += 1
             self._metrics.observe_outcome("cancelled")

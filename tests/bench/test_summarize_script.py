@@ -22,7 +22,8 @@ def _run(shape: str, seconds: dict[str, float]) -> dict[str, Any]:
         }
         for impl, t in seconds.items()
     ]
-    return {"machine_info": {"cpu": {"brand_raw": "test cpu"}, "python_version": "3.11"}, "benchmarks": benches}
+    machine = {"node": "host", "cpu": {"brand_raw": "test cpu", "count": 2}, "python_version": "3.11"}
+    return {"machine_info": machine, "datetime": f"2026-11-23T09:{len(shape):02d}:30+00:00", "benchmarks": benches}
 
 
 def test_ratios_are_per_run_and_their_median_is_recorded(tmp_path: Path) -> None:
@@ -40,6 +41,9 @@ def test_ratios_are_per_run_and_their_median_is_recorded(tmp_path: Path) -> None
         assert script.main([*map(str, paths), "--out", str(out), "--command", "made up", "--note", "n"]) == 0
     summary = json.loads(out.read_text())
     assert summary["command"] == "made up" and summary["notes"] == ["n"]
+    # The runs' own dates (the "large" run is the latest) and machine, not the summarizing moment's.
+    assert summary["date"] == "2026-11-23T09:05Z" and summary["first_run"] == "2026-11-23T09:05Z"
+    assert summary["machine"]["cores"] == 2
     small, large = summary["rows"]["ep_dispatch small"], summary["rows"]["ep_dispatch large"]
     assert small["hal_us"] == [4000, 6000] and small["baseline_remote_us"] == [1000, 2000]
     assert small["hal_over_baseline"] == [2.0, 3.0] and small["median_hal_over_baseline"] == 2.5

@@ -267,9 +267,12 @@ def test_sampler_draws_from_the_distribution() -> None:
 def test_sampler_rows_must_be_places_in_its_batch() -> None:
     sampler = Sampler(1.0, 1.0, seed=0, rows=2)
     assert len(sampler(torch.zeros(2, 8), [1, 0])) == 2
-    for rows in ([0], [0, 2], [-1, 0]):
-        with pytest.raises(GenerationError, match=r"rows must give each of the 2 logit rows a place in 0\.\.1"):
+    assert sampler(torch.zeros(0, 8), []) == []  # an empty batch draws and picks nothing
+    for rows in ([0], [0, 2], [-1, 0], [1, 1], [True, 0]):
+        with pytest.raises(GenerationError, match=r"rows must give each of the 2 logit rows its own place in 0\.\.1"):
             sampler(torch.zeros(2, 8), rows)
+    # Without rows, each call's logit rows are the batch: one request, or one fixed batch.
+    assert len(Sampler(1.0, 1.0, seed=0)(torch.zeros(3, 8))) == 3
 
 
 def test_small_top_p_keeps_only_the_most_likely_token(cpu: hal.Backend) -> None:

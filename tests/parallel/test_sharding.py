@@ -336,7 +336,7 @@ def two_ranks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         (["--tp", "2", "--quantize", "fp8"], "--tp 2 with FP8 weights: "),
         (["--tp", "2", "--metrics-port", "9"], "--metrics-port: serving metrics run in one process"),
         (["--ep", "2", "--quantize", "int8", "--dequantize-fp8"], "--dequantize-fp8: loads an FP8 checkpoint"),
-        (["--tp", "2", "--top-p", "0"], "generate: top_p must lie in (0, 1]"),
+        (["--tp", "2", "--top-p", "0"], "--top-p: top_p must lie in (0, 1]"),
         (["--tp", "3"], "--tp 3 on 2 process(es)"),
         (["--tp", "2", "--prompt-ids", "1,2;3,5000"], "--prompt-ids: prompt 1: token ids must lie in [0, 1024)"),
     ],

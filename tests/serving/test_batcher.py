@@ -242,6 +242,28 @@ def test_process_raises_cancelled_when_its_queued_requests_are_cancelled(model: 
     assert len(outcome) == 1 and isinstance(outcome[0], CancelledError)
 
 
+def test_failing_a_queued_job_claims_its_future_in_one_step(model: DeepseekModel) -> None:
+    # A caller may cancel a queued request at any moment, also while the batcher fails it (a give-up, a
+    # crash): the batcher claims the future first, so a cancelled one is notified and counted, and a
+    # pending one can no longer be cancelled between a check and set_exception (InvalidStateError).
+    from hal.serving.batcher import _Job
+
+    class CancelledOnClaim(Future[RequestResult]):
+        def set_running_or_notify_cancel(self) -> bool:
+            self.cancel()  # the caller's cancel lands just before the claim
+            return super().set_running_or_notify_cancel()
+
+    with hal.AutoBatcher(model, max_batch_size=1, num_blocks=4) as batcher:
+        late, plain = _Job(10_000, [1], 2, frozenset(), None, 1), _Job(10_001, [1], 2, frozenset(), None, 1)
+        late.future = CancelledOnClaim()
+        batcher._fail(late, RuntimeError("gone"))
+        batcher._fail(plain, RuntimeError("gone"))
+        assert not wait([late.future, plain.future], timeout=5).not_done
+        assert late.future.cancelled() and isinstance(plain.future.exception(), RuntimeError)
+        stats = batcher.stats()
+    assert stats.cancelled == 1 and stats.failed == 1
+
+
 def test_futures_are_resolved_with_the_batcher_lock_released(model: DeepseekModel) -> None:
     gate = threading.Event()
     batcher = hal.AutoBatcher(RecordingModel(model, gate=gate), max_batch_size=1, timeout_ms=0, num_blocks=4)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import wait
 from pathlib import Path
@@ -27,7 +28,14 @@ from hal.serving import (
     Request,
     is_device_error,
 )
-from tests.serving.conftest import FLAKY_THEN_CPU, cpu_registry, flaky_registry, one_at_a_time, prompts_for
+from tests.serving.conftest import (
+    FLAKY_THEN_CPU,
+    RecordingModel,
+    cpu_registry,
+    flaky_registry,
+    one_at_a_time,
+    prompts_for,
+)
 
 
 def ops_per_run(cfg: ModelConfig, weights: dict[str, Any], requests: list[Request], **kwargs: Any) -> int:
@@ -182,13 +190,18 @@ def test_a_queued_request_cancelled_before_the_give_up_is_seen_done(cfg: ModelCo
     # The give-up takes it off the queue: wait() must see it done (cancel() alone wakes no waiter), and it
     # counts as cancelled, so every submitted request has one outcome.
     registry, _ = flaky_registry(50)
+    gate = threading.Event()  # holds every model call until the queued request is cancelled
     failover = Failover(
-        lambda be: DeepseekModel(cfg, be, weights), registry=registry, backends=["flaky"], book=HealthBook()
+        lambda be: RecordingModel(DeepseekModel(cfg, be, weights), gate=gate),
+        registry=registry,
+        backends=["flaky"],
+        book=HealthBook(),
     )
     with hal.AutoBatcher(failover.build(), failover=failover, max_batch_size=2, num_blocks=4) as batcher:
         running = [batcher.submit(p, 6) for p in prompts_for(2, cfg.vocab_size)]
         queued = batcher.submit([1, 2, 3], 6)  # the batch is full: it waits
         assert queued.cancel()
+        gate.set()
         assert not wait([queued, *running], timeout=30).not_done
         stats = batcher.stats()
     assert stats.cancelled == 1 and stats.failed == 2 and stats.submitted == 3
