@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, wait
 
 import pytest
@@ -192,6 +193,14 @@ def test_a_failed_decode_fails_the_requests_in_flight_and_the_batcher_goes_on(
     assert stats.failed == 3 and stats.finished == 1 and stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0
 
 
+def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll ``condition`` every millisecond until it holds or ``timeout_s`` passes (the test's asserts
+    then say what did not happen)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def test_close_drains_then_refuses_and_can_cancel_queued_requests(model: DeepseekModel) -> None:
     prompts = prompts_for(4, model.cfg.vocab_size)
     batcher = hal.AutoBatcher(model, max_batch_size=1, timeout_ms=0, num_blocks=4)
@@ -204,9 +213,7 @@ def test_close_drains_then_refuses_and_can_cancel_queued_requests(model: Deepsee
     gate = threading.Event()  # holds the scheduler inside request 0's prefill until the queue is cancelled
     batcher = hal.AutoBatcher(RecordingModel(model, gate=gate), max_batch_size=1, timeout_ms=0, num_blocks=4)
     futures = [batcher.submit(p, 20) for p in prompts]
-    deadline = time.monotonic() + 30
-    while batcher.stats().running == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _until(lambda: batcher.stats().running > 0)
     assert batcher.stats().running == 1 and batcher.stats().waiting == 3
     batcher.close(wait=False, cancel_pending=True)  # the queued ones are cancelled ...
     assert all(f.cancelled() for f in futures[1:])
@@ -231,9 +238,7 @@ def test_process_raises_cancelled_when_its_queued_requests_are_cancelled(model: 
 
     caller = threading.Thread(target=call, daemon=True)
     caller.start()
-    deadline = time.monotonic() + 30
-    while batcher.stats().waiting == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _until(lambda: batcher.stats().waiting > 0)
     batcher.close(wait=False, cancel_pending=True)
     gate.set()
     batcher.close()
@@ -280,9 +285,7 @@ def test_futures_are_resolved_with_the_batcher_lock_released(model: DeepseekMode
 
     queued.add_done_callback(from_another_thread)
     running.add_done_callback(from_another_thread)
-    deadline = time.monotonic() + 30
-    while batcher.stats().running == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    _until(lambda: batcher.stats().running > 0)
     batcher.close(wait=False, cancel_pending=True)
     gate.set()
     batcher.close()
