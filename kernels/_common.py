@@ -190,12 +190,19 @@ class Launch:
 
 
 def merge_config(default: Mapping[str, int], config: Mapping[str, int] | None, op: str) -> dict[str, int]:
-    """``default`` updated with ``config``; a key the kernel does not know is an error, not ignored."""
+    """``default`` updated with ``config``; a key the kernel does not know is an error, not ignored, and so
+    is a value that is not a positive int (0 only for a key whose default is 0, "automatic": a 0 block
+    or group size would leave the output unwritten)."""
     merged = dict(default)
     if config:
         unknown = sorted(set(config) - set(default))
         if unknown:
             raise OpInputError(op, "config", f"unknown keys {unknown}; {op} takes {sorted(default)}")
+        for key, value in config.items():
+            least = 0 if default[key] == 0 else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "an int >= 0 (0: automatic)" if least == 0 else "a positive int"
+                raise OpInputError(op, "config", f"{key} must be {kind}, got {value!r}")
         merged.update(config)
     return merged
 

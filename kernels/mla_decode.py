@@ -387,6 +387,9 @@ def mla_decode(
         )
     b, s_q, h, d = q.shape
     page = kv_cache.shape[1]
+    # The kernel reads one length per program at ``cache_seqlens + b`` (no stride): a strided view would
+    # be read from the wrong memory. It is b ints, so a copy costs nothing.
+    cache_seqlens = cache_seqlens.contiguous()
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
     out = _common.empty((b, s_q, h, head_dim_v), q.dtype, q.device)
     lse = _common.empty((b, h, s_q), torch.float32, q.device)

@@ -93,7 +93,9 @@ def _moe_route_kernel(
         denom = tl.sum(tl.sum(ex, axis=2), axis=1)
         scores = ex / denom[:, None, None]
     else:
-        scores = tl.sigmoid(x)
+        # Padding lanes zeroed: a lane past a group's size has the id of an expert of the next group, so
+        # sigmoid(0) = 0.5 there would be added to that expert's weight.
+        scores = tl.where(valid[None, :, :], tl.sigmoid(x), 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + expert, mask=valid, other=0.0)
         choice = scores + bias[None, :, :]
@@ -134,7 +136,7 @@ def _moe_route_kernel(
         ei = tl.min(tl.min(tl.where(hit, expert[None, :, :], 1 << 30), axis=2), axis=1)  # [BT]
         # Nothing left to choose (top_k > topk_group * group_size) must still give an id < E.
         ei = tl.minimum(ei, n_group * group_size - 1)
-        sel = expert[None, :, :] == ei[:, None, None]
+        sel = (expert[None, :, :] == ei[:, None, None]) & valid[None, :, :]  # not a padding lane's alias
         w = tl.sum(tl.sum(tl.where(sel, scores, 0.0), axis=2), axis=1)  # the unbiased score
         avail = avail & ~sel
         w_acc = tl.where(kk[None, :] == j, w[:, None], w_acc)
@@ -357,9 +359,20 @@ def moe_route(
     return RouteResult(weights, ids)
 
 
-def _bytes_view(x: torch.Tensor) -> torch.Tensor:
-    # fp8 rows are copied as bytes: every target loads and stores u8, whatever its fp8 flavour.
-    return x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x
+#: Row dtypes the scatter kernel copies as they are; rows of any other dtype are copied as bytes.
+_NATIVE_ROWS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rows_view(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, H]`` as the scatter kernel copies it: itself for fp32 / bf16 / fp16, else its bytes
+    ``[T, H * itemsize]`` (fp8 of either flavour, and any other dtype the contract allows: every target
+    loads and stores u8)."""
+    if x.dtype in _NATIVE_ROWS:
+        return x
+    try:
+        return x.view(torch.uint8)
+    except RuntimeError:  # a one-column x with a non-unit column stride, which the kernel takes as it is
+        return x.contiguous().view(torch.uint8)
 
 
 def _count_launch(cfg: Mapping[str, int], ids_dtype: torch.dtype) -> _common.Launch:
@@ -401,7 +414,7 @@ def moe_permute(
 ) -> Permutation:
     """Stable counting sort of token copies by expert (contract: :func:`hal.ops.catalogue.moe_permute`).
 
-    :param x: any float or fp8 dtype [T, H], unit stride in H.
+    :param x: any dtype [T, H], unit stride in H (rows other than fp32 / bf16 / fp16 are copied as bytes).
     :param topk_ids: int32 | int64 [T, top_k], values in ``[0, E)``; a copy with an id outside it is not
         any expert's: it goes after every expert's rows (rows ``offsets[E]:``, the padding
         ``grouped_gemm`` writes as zeros), in flat-index order, so ``order`` stays a permutation.
@@ -428,10 +441,11 @@ def moe_permute(
     offsets[:1].zero_()
     torch.cumsum(counts[:num_experts], 0, out=offsets[1:])
     if n:
-        rows, rows_sorted = _bytes_view(x), _bytes_view(x_sorted)
-        grid = (triton.cdiv(n, cfg["BLOCK_R"]), max(1, triton.cdiv(h, cfg["BLOCK_H"])))
+        rows, rows_sorted = _rows_view(x), _rows_view(x_sorted)
+        width = rows.shape[1]  # H, or H * itemsize for byte rows
+        grid = (triton.cdiv(n, cfg["BLOCK_R"]), max(1, triton.cdiv(width, cfg["BLOCK_H"])))
         _scatter_launch(cfg, rows.dtype, ids.dtype)(
-            grid, rows, ids, rank, offsets, rows_sorted, order, n, h, num_experts, top_k, x.stride(0)
+            grid, rows, ids, rank, offsets, rows_sorted, order, n, width, num_experts, top_k, rows.stride(0)
         )
     return Permutation(x_sorted, offsets, order)
 

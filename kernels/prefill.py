@@ -338,6 +338,9 @@ def attention_prefill(
             )
     total_q, h, d_qk = q.shape
     h_kv, d_v = v.shape[1], v.shape[2]
+    # The kernel reads the offsets at ``cu_seqlens + i`` (no stride): a strided view would be read from
+    # the wrong memory. They are b + 1 ints, so a copy costs nothing.
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     b = cu_seqlens_q.shape[0] - 1
     out = _common.empty((total_q, h, d_v), q.dtype, q.device)
     if out.numel() == 0:

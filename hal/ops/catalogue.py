@@ -776,7 +776,7 @@ def rotary(
     de-interleaved instead, which permutes q and k alike and leaves attention scores unchanged).
 
     :param x: float32 | bfloat16 | float16 [T, ..., D], D even.
-    :param positions: int32 | int64 [T], each token's position.
+    :param positions: int32 | int64 [T], each token's position, in ``[0, max_position)``.
     :param cos_sin_cache: float32 [max_position, D]: ``[:, :D/2]`` cosines, ``[:, D/2:]`` sines (any
         YaRN magnitude scaling already folded in).
     :param interleaved: DeepSeek's interleaved pairs (True) or NeoX halves (False).
@@ -795,6 +795,8 @@ def rotary(
     _v.size(op, "positions", positions, 0, x.shape[0], "T of x")
     _v.size(op, "cos_sin_cache", cos_sin_cache, 1, x.shape[-1], "D of x")
     _v.same_device(op, (("x", x), ("positions", positions), ("cos_sin_cache", cos_sin_cache)))
+    # A kernel reads the table at the position's row: out of range it reads past the table.
+    _v.values_in(op, "positions", positions, 0, cos_sin_cache.shape[0], "rows of cos_sin_cache")
     return _impl(x, positions, cos_sin_cache, interleaved=interleaved)
 
 

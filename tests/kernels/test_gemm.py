@@ -121,6 +121,10 @@ def test_rejects_unknown_config_key(operands: tuple[torch.Tensor, ...]) -> None:
         ({"BLOCK_N": 8}, "BLOCK_N must be a power of two >= 16"),
         ({"BLOCK_K": 256}, "BLOCK_K must divide the scale block 128"),
         ({"BLOCK_N": 256}, "BLOCK_N must divide the scale block 128"),
+        # GROUP_M 0 used to launch with a 0-wide band (a division by 0) and leave the output unwritten.
+        ({"GROUP_M": 0}, "GROUP_M must be a positive int, got 0"),
+        ({"GROUP_M": 2.0}, "GROUP_M must be a positive int, got 2.0"),
+        ({"num_warps": True}, "num_warps must be a positive int, got True"),
     ],
 )
 def test_rejects_bad_blocks(operands: tuple[torch.Tensor, ...], config: dict[str, int], message: str) -> None:

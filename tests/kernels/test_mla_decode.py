@@ -141,6 +141,21 @@ def test_mla_decode_reads_the_paged_kv_cache() -> None:
         torch.testing.assert_close(g, w, **TOL[torch.float32])
 
 
+def test_mla_decode_strided_seqlens() -> None:
+    """Lengths given as a strided view are read by value (the kernel reads them without a stride: it
+    used to read the memory behind the view, here 64 keys for the second sequence instead of 20, and
+    with a larger value there, past the cache)."""
+    gen = _gen(12)
+    kv = torch.randn(8, 16, 1, 32, generator=gen)
+    table = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    q = torch.randn(2, 1, 2, 32, generator=gen)
+    seqlens = torch.tensor([40, 64, 20, 64], dtype=torch.int32)[::2]
+    got = mla_decode.mla_decode(q, kv, table, seqlens, head_dim_v=16)
+    want = MLA_DECODE(q, kv, table, seqlens, head_dim_v=16)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
 def test_mla_decode_empty_batch() -> None:
     kv = torch.zeros(2, 64, 1, 24)
     out, lse = mla_decode.mla_decode(

@@ -42,6 +42,9 @@ ROUTES = [
     (9, 24, 3, 2, 5, True, "sigmoid", False, 1.0),  # 3 groups (padded to 4), no normalization
     (5, 48, 4, 4, 7, True, "softmax", True, 1.0),  # every group kept, softmax with a bias
     (17, 64, 1, 1, 6, True, "sigmoid", True, 1.0),  # V2-Lite-like: 64 experts, one group
+    # Groups of 3 (padded to 4) under sigmoid: a padding lane aliases the next group's first expert.
+    (6, 6, 2, 2, 2, True, "sigmoid", False, 1.0),
+    (11, 30, 5, 2, 4, False, "sigmoid", True, 1.0),  # groups of 6, no bias
 ]
 
 
@@ -219,6 +222,20 @@ def test_moe_permute(t: int, top_k: int, e: int, h: int, dtype: torch.dtype, ids
     assert torch.equal(got.order, want.order)
     # Bitwise: the rows are copied, never converted.
     assert torch.equal(got.x.view(torch.uint8), want.x.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int16, torch.bool, torch.int8], ids=str)
+def test_moe_permute_rows_of_any_dtype(dtype: torch.dtype) -> None:
+    """The contract takes x of any dtype: rows the kernel has no type for are copied as bytes, bit for
+    bit, from a strided x too."""
+    gen = torch.Generator().manual_seed(6)
+    wide = (torch.randn(11, 40, generator=gen) * 50).to(dtype)
+    x = wide[:, 3:33]  # row stride 40, a byte offset that is not a multiple of the row
+    topk_ids = _ids(11, 3, 8, gen, torch.int64)
+    got = moe.moe_permute(x, topk_ids, 8, config=PERM_CFG)
+    want = PERMUTE(x, topk_ids, 8)
+    assert got.x.dtype == dtype and torch.equal(got.order, want.order) and torch.equal(got.offsets, want.offsets)
+    assert torch.equal(got.x, want.x)
 
 
 def test_moe_permute_repeated_experts_is_stable() -> None:

@@ -119,6 +119,17 @@ def test_attention_prefill_default_config_scale_and_strides() -> None:
     torch.testing.assert_close(got, ATTENTION_PREFILL(q, k, v, cu, cu, softmax_scale=0.2), **TOL[torch.float32])
 
 
+def test_attention_prefill_strided_cu_seqlens() -> None:
+    """Offsets given as a strided view (a column of a table) are read by value, not from the memory
+    behind them (the kernel reads them without a stride)."""
+    gen = torch.Generator().manual_seed(4)
+    table = torch.tensor([[0, 0], [5, 3], [12, 9]], dtype=torch.int32)
+    cu = table[:, 0]  # [0, 5, 12], stride 2
+    q, k, v = (torch.randn(12, 2, 16, generator=gen) for _ in range(3))
+    got = prefill.attention_prefill(q, k, v, cu, cu, causal=True)
+    torch.testing.assert_close(got, ATTENTION_PREFILL(q, k, v, cu, cu, causal=True), **TOL[torch.float32])
+
+
 def test_attention_prefill_empty() -> None:
     cu = torch.zeros(2, dtype=torch.int32)
     got = prefill.attention_prefill(torch.zeros(0, 2, 24), torch.zeros(0, 1, 24), torch.zeros(0, 1, 16), cu, cu)

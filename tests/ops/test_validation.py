@@ -357,6 +357,8 @@ CASES: list[tuple[str, tuple[Any, ...], dict[str, Any], type[Exception], tuple[s
     ("rotary", (r(4, 2, 8), torch.arange(3), r(10, 8)), {}, ShapeError, ("rotary: positions:", "T of x")),
     ("rotary", (r(4, 2, 8), torch.arange(4), r(10, 6)), {}, ShapeError, ("cos_sin_cache", "D of x")),
     ("rotary", (r(4, 2, 8), torch.arange(4).float(), r(10, 8)), {}, DTypeError, ("positions", "int32 | int64")),
+    ("rotary", (r(4, 2, 8), torch.arange(7, 11), r(10, 8)), {}, LayoutError, ("rotary: positions:", "found 10")),
+    ("rotary", (r(2, 2, 8), torch.tensor([-1, 0]), r(10, 8)), {}, LayoutError, ("rotary: positions:", "found -1")),
     ("silu_and_mul", (r(4, 7),), {}, ShapeError, ("silu_and_mul: x:", "even (2N)")),
     ("silu_and_mul", (r(4, 8).long(),), {}, DTypeError, ("silu_and_mul: x:",)),
     # runtime
