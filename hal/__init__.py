@@ -69,6 +69,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 _lock = threading.Lock()
 _default: Registry | None = None
+_discovering: int | None = None  # ident of the thread creating the default registry, while it does
 
 
 def default_registry(*, refresh: bool = False) -> Registry:
@@ -77,10 +78,22 @@ def default_registry(*, refresh: bool = False) -> Registry:
     :param refresh: discard the current one and discover plugins again (after installing a plugin or
         changing ``HAL_DISABLE_PLUGINS``).
     """
-    global _default
+    global _default, _discovering
+    if _discovering == threading.get_ident():
+        # A plugin's hook (run during discovery) called back into hal: the lock is held by this
+        # very thread, so waiting on it would deadlock.
+        raise errors.BackendError(
+            "hal.get_backend()/hal.backends() called while HAL is discovering plugins: "
+            "hooks must not call get_backend/backends during discovery (decide in probe/load, or use "
+            "a `when` predicate on the op registration)"
+        )
     with _lock:
         if _default is None or refresh:
-            _default = Registry()
+            _discovering = threading.get_ident()
+            try:
+                _default = Registry()
+            finally:
+                _discovering = None
         return _default
 
 

@@ -4,6 +4,11 @@ A plugin is any module or object exposed through the ``hal`` entry-point group (
 :class:`hal.Registry` by hand) with functions marked ``@hal.hookimpl``. HAL calls each hook once per
 registry, at discovery, with a ``register`` callback; it never calls a hook on the hot path. Hooks are
 called with keyword arguments, and an implementation may accept only the arguments it uses.
+
+Hooks must not call :func:`hal.get_backend` or :func:`hal.backends` (nor use the default registry
+any other way): they run while that registry is being created, so such a call raises
+:class:`hal.errors.BackendError` and the plugin is reported as failed. Decide what depends on other
+backends in a backend's ``probe``/``load`` or in an op registration's ``when`` predicate instead.
 """
 
 from __future__ import annotations

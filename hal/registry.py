@@ -19,6 +19,7 @@ import inspect
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -201,6 +202,8 @@ class Registry:
         self._built: dict[str, Backend] = {}
         self._impls: dict[str, BackendImpl] = {}
         self._load_errors: dict[str, BackendLoadError] = {}
+        # Guards probing, loading and building so concurrent callers probe, load and build once.
+        self._lock = threading.RLock()
         if entry_points:
             self.load_entry_points()
         for name, plugin in plugins:
@@ -232,7 +235,7 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a plugin's import may fail in any way; report it, go on
+            except (Exception, SystemExit) as exc:  # a plugin's import may fail in any way; report it, go on
                 self._fail(
                     ep.name,
                     dist_name,
@@ -258,12 +261,16 @@ class Registry:
             self._pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
             return self._fail(name, distribution, version, PluginValidationError(name, str(exc)))
+        except ValueError as exc:  # pluggy: this object is already registered (under another name)
+            other = self._pm.get_name(plugin)
+            why = f"this plugin object is already registered as {other!r}" if other else str(exc)
+            return self._fail(name, distribution, version, PluginValidationError(name, why))
         try:
             specs, regs = self._collect(plugin, name)
         except PluginValidationError as exc:
             self._pm.unregister(plugin)
             return self._fail(name, distribution, version, exc)
-        except Exception as exc:  # a hook body raised: the plugin is broken, the others are not
+        except (Exception, SystemExit) as exc:  # a hook body raised: the plugin is broken, the others are not
             self._pm.unregister(plugin)
             return self._fail(
                 name, distribution, version, PluginValidationError(name, f"a hook raised {type(exc).__name__}: {exc}")
@@ -371,6 +378,10 @@ class Registry:
     # ------------------------------------------------------------------------------------------
 
     def _probe(self, name: str) -> Availability:
+        with self._lock:
+            return self._probe_locked(name)
+
+    def _probe_locked(self, name: str) -> Availability:
         if name not in self._probes:
             spec = self._specs[name][0]
             try:
@@ -410,9 +421,14 @@ class Registry:
             raise self._not_found(name)
         return self._specs[name][0]
 
-    def _not_found(self, name: str) -> BackendNotFoundError:
+    def _not_found(self, name: str, *, from_env: bool = False) -> BackendNotFoundError:
+        source = " (from HAL_BACKEND)" if from_env else ""
         blocked = " (its plugin is blocked by HAL_DISABLE_PLUGINS)" if name in self._disabled else ""
-        return BackendNotFoundError(f"no backend named {name!r}{blocked}. Registered backends:\n{self._reasons()}")
+        msg = f"no backend named {name!r}{source}{blocked}. Registered backends:\n{self._reasons()}"
+        failed = [p for p in self.plugins() if p.status == "failed"]
+        if failed:
+            msg += "\nPlugins that failed to load:\n" + "\n".join(f"  {p.name}: {p.error}" for p in failed)
+        return BackendNotFoundError(msg)
 
     def _reasons(self) -> str:
         lines = [
@@ -425,10 +441,11 @@ class Registry:
         """The backend name ``get_backend(name)`` would build: ``name``, else ``HAL_BACKEND``, else the
         highest-priority available backend. Raises with every backend's reason when that is impossible.
         """
-        wanted = name or os.environ.get("HAL_BACKEND") or None
+        env = os.environ.get("HAL_BACKEND", "").strip()
+        wanted = name or env or None
         if wanted is not None:
             if wanted not in self._specs:
-                raise self._not_found(wanted)
+                raise self._not_found(wanted, from_env=not name)
             if not self._probe(wanted).available:
                 raise BackendUnavailableError(
                     f"backend {wanted!r} is unavailable: {self._probe(wanted).reason}\nAll backends:\n{self._reasons()}"
@@ -441,10 +458,11 @@ class Registry:
 
     def get_backend(self, name: str | None = None) -> Backend:
         """Build (once) and return a backend; see :meth:`select` for which."""
-        chosen = self.select(name)
-        if chosen not in self._built:
-            self._built[chosen] = self._build(chosen)
-        return self._built[chosen]
+        with self._lock:
+            chosen = self.select(name)
+            if chosen not in self._built:
+                self._built[chosen] = self._build(chosen)
+            return self._built[chosen]
 
     def _reference_name(self) -> str | None:
         return next((name for name, (spec, _) in self._specs.items() if spec.reference), None)
@@ -457,6 +475,10 @@ class Registry:
         return self._load(name).ops
 
     def _load(self, name: str) -> BackendImpl:
+        with self._lock:
+            return self._load_locked(name)
+
+    def _load_locked(self, name: str) -> BackendImpl:
         spec, plugin = self._specs[name]
         if name in self._impls:
             return self._impls[name]
@@ -505,6 +527,9 @@ def _check_backend_impl(impl: object) -> list[str]:
         problems.append(f"device must be a torch.device, got {impl.device!r}")
     if not isinstance(impl.capabilities, Capabilities):
         problems.append(f"capabilities must be hal.Capabilities, got {type(impl.capabilities).__name__}")
+    if not isinstance(impl.ops, Mapping):
+        problems.append(f"ops must be a Mapping[str, callable], got {type(impl.ops).__name__}")
+        return problems
     for op, fn in impl.ops.items():
         if op not in CATALOGUE:
             problems.append(f"op {op!r} is not in the catalogue")

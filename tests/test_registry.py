@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -422,3 +425,161 @@ def test_conformance_kit_catches_nan_fp8_values() -> None:
     case = next(c for c in CASES if c.op == "quantize_fp8" and c.fp8 == torch.float8_e4m3fn)
     with pytest.raises(ConformanceFailure, match="off by more than fp8 rounding"):
         run_case(reg.get_backend("cpu"), case, reg.reference_ops())
+
+
+# ------------------------------------------------------------------------------------------------
+# Robustness: odd plugins, entry points, re-entry, threads
+# ------------------------------------------------------------------------------------------------
+
+
+def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *extra: tuple[str, str]) -> None:
+    """Make the ``hal`` entry-point group hold only ``extra`` (``(name, "module")`` pairs)."""
+    import importlib.metadata as md
+
+    eps = [md.EntryPoint(name, value, "hal") for name, value in extra]
+    monkeypatch.setattr(md, "entry_points", lambda **kw: list(eps) if kw.get("group") == "hal" else [])
+
+
+def test_same_plugin_object_under_a_second_name_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    mod = types.ModuleType("hal_test_dup_plugin")
+    mod.hal_register_backends = backend_plugin("dup", 5).hal_register_backends  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "hal_test_dup_plugin", mod)
+    fake_entry_points(monkeypatch, ("one", "hal_test_dup_plugin"), ("two", "hal_test_dup_plugin"))
+    reg = hal.Registry()
+    status = {p.name: (p.status, p.error) for p in reg.plugins()}
+    assert status["one"] == ("loaded", None)
+    assert status["two"] == ("failed", "plugin 'two': this plugin object is already registered as 'one'")
+    info = reg.register(mod, "three")  # by hand too: never raises
+    assert info.status == "failed" and "already registered as 'one'" in str(info.error)
+
+
+def test_plugin_raising_system_exit_is_reported_as_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    mod = types.ModuleType("hal_test_exit_plugin")
+
+    @hal.hookimpl
+    def hal_register_backends(register: Any) -> None:
+        raise SystemExit("torch_npu missing")
+
+    mod.hal_register_backends = hal_register_backends  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "hal_test_exit_plugin", mod)
+    fake_entry_points(monkeypatch, ("atimport", "hal_test_exit_plugin_missing"), ("inhook", "hal_test_exit_plugin"))
+
+    def exit_at_import(self: Any) -> Any:
+        if self.value == "hal_test_exit_plugin_missing":
+            raise SystemExit("no device library")
+        return sys.modules[self.value]
+
+    import importlib.metadata as md
+
+    monkeypatch.setattr(md.EntryPoint, "load", exit_at_import)
+    reg = hal.Registry(plugins=[("fast", backend_plugin("fast", 50))])
+    status = {p.name: (p.status, p.error) for p in reg.plugins()}
+    assert status["atimport"][0] == "failed" and "raised SystemExit: no device library" in str(status["atimport"][1])
+    assert status["inhook"] == ("failed", "plugin 'inhook': a hook raised SystemExit: torch_npu missing")
+    assert reg.get_backend().name == "fast"
+
+    @hal.hookimpl
+    def interrupted(register: Any) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C is not a plugin failure: it still propagates
+        cpu_registry(("ctrlc", SimpleNamespace(hal_register_backends=interrupted)))
+
+
+@pytest.mark.parametrize("ops", [None, [("gemm", fake_gemm)]], ids=["none", "list"])
+def test_backend_impl_whose_ops_is_not_a_mapping_is_rejected(ops: Any) -> None:
+    reg = cpu_registry(("bad", backend_plugin("bad", 5)))
+    spec = reg.spec("bad")
+    caps = spec.load().capabilities
+    bad = hal.BackendImpl(torch.device("cpu"), caps, ops)
+    reg._specs["bad"] = (hal.BackendSpec("bad", 5, hal.Availability.yes, lambda: bad), "bad")
+    with pytest.raises(BackendLoadError, match=rf"ops must be a Mapping\[str, callable\], got {type(ops).__name__}"):
+        reg.get_backend("bad")
+
+
+def test_not_found_names_hal_backend_and_failed_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    @hal.hookimpl
+    def hal_register_backends(register: Any) -> None:
+        raise ImportError("libmychip.so not found")
+
+    reg = cpu_registry(("mychip", SimpleNamespace(hal_register_backends=hal_register_backends)))
+    monkeypatch.setenv("HAL_BACKEND", " cpu \n")
+    assert reg.get_backend().name == "cpu"  # whitespace around the name is ignored
+    monkeypatch.setenv("HAL_BACKEND", "mychip")
+    with pytest.raises(BackendNotFoundError) as info:
+        reg.get_backend()
+    msg = str(info.value)
+    assert "no backend named 'mychip' (from HAL_BACKEND)" in msg
+    assert "Plugins that failed to load:\n  mychip: plugin 'mychip': a hook raised ImportError: libmychip.so" in msg
+    with pytest.raises(BackendNotFoundError) as info:
+        reg.get_backend("mychip")
+    assert "(from HAL_BACKEND)" not in str(info.value)
+
+
+def test_hook_calling_get_backend_during_discovery_fails_the_plugin_not_deadlocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    mod = types.ModuleType("hal_test_peek_plugin")
+
+    @hal.hookimpl
+    def hal_register_ops(register: Any) -> None:
+        hal.backends()
+
+    mod.hal_register_ops = hal_register_ops  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "hal_test_peek_plugin", mod)
+    import hal_cpu
+
+    monkeypatch.setitem(sys.modules, "hal_test_cpu_plugin", hal_cpu)
+    fake_entry_points(monkeypatch, ("cpu", "hal_test_cpu_plugin"), ("peek", "hal_test_peek_plugin"))
+    monkeypatch.setattr(hal, "_default", None)
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(hal.default_registry()), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "default_registry() deadlocked on a re-entrant hook"
+    info = {p.name: p for p in result[0].plugins()}["peek"]
+    assert info.status == "failed"
+    assert "hooks must not call get_backend/backends during discovery" in str(info.error)
+    assert result[0].get_backend().name == "cpu"
+
+
+def test_concurrent_get_backend_probes_loads_and_builds_once() -> None:
+    calls = {"probe": 0, "load": 0}
+    impl = cpu_registry().reference_ops()
+
+    def probe() -> hal.Availability:
+        calls["probe"] += 1
+        time.sleep(0.05)
+        return hal.Availability.yes()
+
+    def load() -> hal.BackendImpl:
+        calls["load"] += 1
+        time.sleep(0.1)
+        caps = hal.Capabilities("cpu", "slow", "cpu", (torch.float32,), None, False, None, 1, "gloo")
+        return hal.BackendImpl(torch.device("cpu"), caps, dict(impl))
+
+    @hal.hookimpl
+    def hal_register_backends(register: Any) -> None:
+        register(hal.BackendSpec("slow", 50, probe, load))
+
+    reg = cpu_registry(("slow", SimpleNamespace(hal_register_backends=hal_register_backends)))
+    start = threading.Barrier(4)
+    out: list[hal.Backend] = []
+
+    def worker() -> None:
+        start.wait()
+        out.append(reg.get_backend())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == {"probe": 1, "load": 1}
+    assert len({id(b) for b in out}) == 1 and out[0].name == "slow"
