@@ -704,6 +704,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if ops == []:
         raise BenchError("--ops: no op named; give a comma-separated list such as gemm,mla_decode")
     shapes = shape_set(args.shapes) if args.shapes is not None else None
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            _check_output_path(flag, path)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -729,12 +732,36 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     doc = run.as_dict()
     print(format_table(doc))
     if args.json is not None:
-        write_json(doc, args.json)
+        try:
+            write_json(doc, args.json)
+        except OSError as exc:
+            raise BenchError(f"--json: cannot write {args.json}: {exc.strerror or exc}") from None
         print(f"\nwrote {args.json}")
     if args.plot is not None:
-        plot_roofline(doc, args.plot)
+        try:
+            plot_roofline(doc, args.plot)
+        except OSError as exc:
+            raise BenchError(f"--plot: cannot write {args.plot}: {exc.strerror or exc}") from None
         print(f"wrote {args.plot}")
     return 1 if run.errors else 0
+
+
+def _check_output_path(flag: str, path: str) -> None:
+    """Refuse an output path that cannot be written, before a run of minutes: a directory, or a parent
+    folder that cannot be created or written to (the folder is created now; the write would create it)."""
+    import tempfile
+
+    p = Path(path)
+    if p.is_dir():
+        raise BenchError(f"{flag}: {path} is a directory; give a file path")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p.parent):
+            pass
+    except OSError as exc:
+        raise BenchError(f"{flag}: cannot write {path}: {exc.strerror or exc}") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise BenchError(f"{flag}: cannot write {path}: permission denied")
 
 
 def _cmd_bench_compare(args: argparse.Namespace) -> int:
@@ -1000,13 +1027,13 @@ def _add_bench_parser(sub: Any) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", title="subcommand", metavar="compare")
     cmp = bench_sub.add_parser(
         "compare",
-        help="compare two hal bench --json runs; exit status 1 when a result regressed",
+        help="compare two hal bench --json runs; exit status 1 when a result regressed or failed, or none matched",
         description="Match the results of two runs by (op, shape, dtype) and print B's median time over A's. When B "
         "is slower overall, each ratio is divided by that drift (the median ratio: a machine-wide shift moves every "
         "op alike), and the drift itself is a regression past 1 + threshold. A result has regressed when its ratio "
         "exceeds 1 + max(threshold, spread), spread being the larger of its two measured spreads (interquartile "
         "range / median): a difference within a run's own scatter is noise. Exit status: 0 without regression, 1 "
-        "with one (or when a file cannot be read).",
+        "with one, when a result of A failed in B, when no result is in both runs, or when a file cannot be read.",
     )
     cmp.add_argument("a", metavar="A.json", help="the baseline run (before)")
     cmp.add_argument("b", metavar="B.json", help="the run to check (after)")

@@ -35,6 +35,9 @@ def operands() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(benchmark, fn, x: torch.Tensor, w: torch.Tensor, key: str) -> None:  # type: ignore[no-untyped-def]
+    if benchmark.disabled:  # --benchmark-disable: one call, as a smoke test; no stats to record
+        benchmark(fn, x, w)
+        return
     # Many calls per round spread the timer's own cost thin; the same settings for every side.
     benchmark.pedantic(fn, args=(x, w), rounds=300, iterations=200, warmup_rounds=20)
     _medians[key] = benchmark.stats.stats.median
@@ -57,8 +60,10 @@ def test_hal_gemm_dispatch_only(benchmark, operands, backend: hal.Backend) -> No
     _run(benchmark, unchecked.gemm, *operands, key="dispatch")
 
 
-def test_dispatch_ratios(backend: hal.Backend) -> None:
+def test_dispatch_ratios(request: pytest.FixtureRequest, backend: hal.Backend) -> None:
     if set(_medians) != {"F.linear", "validated", "dispatch"}:
+        if request.config.getoption("benchmark_disable", False):
+            pytest.skip("--benchmark-disable: no medians to compare")
         pytest.fail("run the whole file with benchmarks enabled: the ratios need all three measurements")
     dispatch = _medians["dispatch"] / _medians["F.linear"]
     validated = _medians["validated"] / _medians["F.linear"]

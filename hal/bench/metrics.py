@@ -56,7 +56,9 @@ class Derived:
     """Figures derived from a case's :class:`Work` and its median time.
 
     ``tflops``, ``intensity`` and ``pct_peak_compute`` are ``None`` for a case without FLOPs; the
-    percentages are ``None`` where the device's peak is unknown.
+    percentages are ``None`` where the device's peak is unknown. ``bound`` is ``compute`` or ``memory``
+    (the roof that bounds the case; ``memory`` for a case without FLOPs), or ``unknown`` when the case
+    has FLOPs but the dense peak for its dtype is unknown (``pct_peak`` is then ``None``).
     """
 
     tflops: float | None
@@ -73,9 +75,7 @@ def gemm_work(m: int, n: int, k: int, in_bytes: int, out_bytes: int, peak_dtype:
     return Work(2.0 * m * n * k, float((m * k + n * k) * in_bytes + m * n * out_bytes), peak_dtype)
 
 
-def grouped_gemm_work(
-    rows: Sequence[int], n: int, k: int, in_bytes: int, out_bytes: int, peak_dtype: str
-) -> Work:
+def grouped_gemm_work(rows: Sequence[int], n: int, k: int, in_bytes: int, out_bytes: int, peak_dtype: str) -> Work:
     """Experts' GEMMs over ``rows[e]`` valid rows each: ``2·Σrows·N·K`` FLOPs; rows in and out, and the
     weights of every expert with at least one row."""
     total = sum(rows)
@@ -131,15 +131,19 @@ def derive(work: Work, seconds: float, peak_flops: float | None, peak_bandwidth:
     pct_c = 100.0 * flop_rate / peak_flops if has_flops and peak_flops else None
     pct_b = 100.0 * byte_rate / peak_bandwidth if peak_bandwidth else None
     bound = "memory"
-    if intensity is not None and peak_flops and peak_bandwidth and intensity >= peak_flops / peak_bandwidth:
+    if intensity is not None and not peak_flops:
+        # Without the compute roof the ridge is unknown: neither roof can be said to bound the case.
+        bound = "unknown"
+    elif intensity is not None and peak_flops and peak_bandwidth and intensity >= peak_flops / peak_bandwidth:
         bound = "compute"
-    elif intensity is not None and peak_flops and not peak_bandwidth:
+    elif intensity is not None and not peak_bandwidth:
         bound = "compute"
+    pct_peak = {"compute": pct_c, "memory": pct_b}.get(bound)
     return Derived(
         tflops=flop_rate / 1e12 if has_flops else None,
         gbps=byte_rate / 1e9,
         intensity=intensity,
-        pct_peak=pct_c if bound == "compute" else pct_b,
+        pct_peak=pct_peak,
         pct_peak_compute=pct_c,
         pct_peak_bandwidth=pct_b,
         bound=bound,

@@ -113,7 +113,7 @@ def format_table(doc: Mapping[str, Any]) -> str:
             _num(None if r["tflops"] is None else r["tflops"] * scale),
             _num(r["gbps"]),
             "-" if r["pct_peak"] is None else f"{r['pct_peak']:.1f}",
-            r["bound"],
+            "-" if r["bound"] == "unknown" else r["bound"],
         ]
         if graphs:
             row.insert(4, _num(r.get("graph_us")))
@@ -123,7 +123,7 @@ def format_table(doc: Mapping[str, Any]) -> str:
     lines += _columns(rows, right)
     notes = [
         "% PEAK: of the roof that bounds the case at its arithmetic intensity (compute: the dense peak; memory: "
-        "the bandwidth); '-' FLOP rate: the op moves data only",
+        "the bandwidth); '-' FLOP rate: the op moves data only; '-' bound: the dense peak for the dtype is unknown",
     ]
     hot = [f"{r['op']}[{r['shape']}]" for r in doc["results"] if r["bound"] == "memory" and (r["pct_peak"] or 0) > 100]
     if hot:
@@ -139,10 +139,7 @@ def format_table(doc: Mapping[str, Any]) -> str:
             "be inflated (by factors when threads outnumber cores); rerun on an idle machine before comparing"
         )
     unavailable = {
-        name: b["unavailable"]
-        for r in doc["results"]
-        for name, b in r["baselines"].items()
-        if b.get("unavailable")
+        name: b["unavailable"] for r in doc["results"] for name, b in r["baselines"].items() if b.get("unavailable")
     }
     for name, why in unavailable.items():
         notes.append(f"{name} unavailable: {why}")
@@ -251,18 +248,37 @@ def plot_roofline(doc: Mapping[str, Any], path: str | Path) -> None:
     for i, (name, peak) in enumerate(sorted(roofs.items(), key=lambda kv: kv[1])):
         # A compute roof starts where the bandwidth roof reaches it (its ridge point).
         xs_roof = [x for x in grid if not bw_rate or bw_rate * x >= peak]
-        ax.plot(xs_roof, [peak] * len(xs_roof), color="dimgray", linestyle=styles[i % 4], linewidth=1.2,
-                label=f"compute roof {name} {_num(peak)} {unit}")
+        ax.plot(
+            xs_roof,
+            [peak] * len(xs_roof),
+            color="dimgray",
+            linestyle=styles[i % 4],
+            linewidth=1.2,
+            label=f"compute roof {name} {_num(peak)} {unit}",
+        )
     ops = list(dict.fromkeys(r["op"] for r in points))
     by_op = dict(zip(ops, _palette(len(ops)), strict=True))
     for i, r in enumerate(points):
         color = by_op[r["op"]]
         y = r["tflops"] * scale
-        ax.scatter([r["intensity"]], [y], color=color, marker=_marker(r["op"]), s=38, zorder=3,
-                   label=r["op"] if r["op"] not in ax.get_legend_handles_labels()[1] else None)
+        ax.scatter(
+            [r["intensity"]],
+            [y],
+            color=color,
+            marker=_marker(r["op"]),
+            s=38,
+            zorder=3,
+            label=r["op"] if r["op"] not in ax.get_legend_handles_labels()[1] else None,
+        )
         # Alternate labels above and below their points: neighbours' labels then rarely overlap.
-        ax.annotate(f"{r['op']} {r['shape']}", (r["intensity"], y), textcoords="offset points",
-                    xytext=(5, 4 if i % 2 == 0 else -10), fontsize=6, color="#333333")
+        ax.annotate(
+            f"{r['op']} {r['shape']}",
+            (r["intensity"], y),
+            textcoords="offset points",
+            xytext=(5, 4 if i % 2 == 0 else -10),
+            fontsize=6,
+            color="#333333",
+        )
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel(f"achieved {unit}")
     title = f"Roofline · {doc['backend']} on {peaks['device_name']} · shapes {doc['shapes']}"
@@ -281,10 +297,30 @@ def plot_roofline(doc: Mapping[str, Any], path: str | Path) -> None:
 
 def _palette(n: int) -> list[str]:
     # matplotlib's tab20, dark shades first: 20 colours that stay apart on white.
-    dark = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-            "#17becf"]
-    light = ["#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d",
-             "#9edae5"]
+    dark = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
+    light = [
+        "#aec7e8",
+        "#ffbb78",
+        "#98df8a",
+        "#ff9896",
+        "#c5b0d5",
+        "#c49c94",
+        "#f7b6d2",
+        "#c7c7c7",
+        "#dbdb8d",
+        "#9edae5",
+    ]
     base = dark + light
     return [base[i % len(base)] for i in range(max(n, 1))]
 
@@ -343,6 +379,7 @@ class Comparison:
     rows: list[ComparisonRow] = field(default_factory=list)
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
+    failed_b: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -351,8 +388,9 @@ class Comparison:
 
     @property
     def failed(self) -> bool:
-        """A result regressed, or the whole run did (``hal bench compare`` then exits with status 1)."""
-        return bool(self.regressions) or self.whole_run_regression
+        """A result regressed, the whole run did, a case measured in A failed in B, or no result was
+        compared (``hal bench compare`` then exits with status 1)."""
+        return bool(self.regressions) or self.whole_run_regression or bool(self.failed_b) or not self.rows
 
 
 def _key(r: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -386,11 +424,14 @@ def compare(
     if name_a != name_b:
         out.notes.append(f"the runs were on different devices: {name_a!r} vs {name_b!r}")
     index_b = {_key(r): r for r in b["results"]}
+    errors_b = {_key(e): e for e in b.get("errors", [])}
     matched = []
     for ra in a["results"]:
         k = _key(ra)
         rb = index_b.get(k)
-        if rb is None:
+        if rb is None and k in errors_b:
+            out.failed_b.append(f"{k[0]}[{k[1]}-{k[2]}] ({errors_b[k].get('error', 'failed')})")
+        elif rb is None:
             out.only_a.append(f"{k[0]}[{k[1]}-{k[2]}]")
         else:
             matched.append((k, ra, rb))
@@ -452,6 +493,10 @@ def format_comparison(c: Comparison, a_name: str = "A", b_name: str = "B") -> st
         lines.append(f"only in {a_name} (not compared): {', '.join(c.only_a)}")
     if c.only_b:
         lines.append(f"only in {b_name} (not compared): {', '.join(c.only_b)}")
+    if c.failed_b:
+        lines.append(f"failed in {b_name}: {', '.join(c.failed_b)}")
+    if not c.rows:
+        lines.append(f"FAILED: no result compared: {a_name} and {b_name} have no (op, shape, dtype) result in common")
     regs = c.regressions
     if c.whole_run_regression:
         lines.append(
@@ -460,6 +505,6 @@ def format_comparison(c: Comparison, a_name: str = "A", b_name: str = "B") -> st
     if regs:
         names = ", ".join(f"{r.op}[{r.shape}-{r.dtype}] {r.relative:.2f}x" for r in regs)
         lines.append(f"{len(regs)} regression(s): {names}")
-    elif not c.whole_run_regression:
+    elif not c.whole_run_regression and c.rows:
         lines.append(f"no regression: {len(c.rows)} result(s) compared")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from hal.bench.metrics import derive
 from hal.bench.peaks import Peaks, peaks_for
 from hal.bench.shapes import ShapeSet
 from hal.bench.timing import Timer, Timing, make_timer, steady_cpu_allocator
+from hal.errors import BenchError
 from hal.progress import Progress
 
 __all__ = ["SCHEMA", "BaselineResult", "CaseResult", "Run", "disagreement", "run_suite"]
@@ -279,9 +280,7 @@ def disagreement(out: Any, other: Any) -> str | None:
     return None
 
 
-def _measure(
-    case: BenchCase, prepared: Prepared, timer: Timer, peaks: Peaks, graphs: bool
-) -> CaseResult:
+def _measure(case: BenchCase, prepared: Prepared, timer: Timer, peaks: Peaks, graphs: bool) -> CaseResult:
     out = prepared.fn()
     checks: dict[str, str | None] = {}
     for b in prepared.baselines:
@@ -350,6 +349,7 @@ def run_suite(
     :param peaks: the device's peaks (default: the table, or measured now).
     :param steady_allocator: on a CPU, fix glibc's allocation thresholds first
         (:func:`hal.bench.timing.steady_cpu_allocator`; process-wide).
+    :raises hal.errors.BenchError: every selected case is skipped on this backend (nothing to run).
     """
     share = _CpuShare()
     allocator = steady_cpu_allocator() if backend.device.type == "cpu" and steady_allocator else None
@@ -362,6 +362,9 @@ def run_suite(
             stream.write(f"hal bench: {line}\n")
             stream.flush()
 
+    if cases and all(why is not None for _, why in cases):
+        reasons = sorted({why for _, why in cases if why is not None})
+        raise BenchError(f"nothing to run on backend {backend.name}: {'; '.join(reasons)}")
     if peaks is None:
         peaks = peaks_for(backend.device, backend.capabilities.device_name, timer, log=say)
     run = Run(
@@ -377,8 +380,9 @@ def run_suite(
         timing=timer.method,
         peaks=peaks,
     )
-    with Progress(len(cases), f"hal bench {backend.name} {shapes.name}", unit="cases", stream=stream,
-                  enabled=progress) as bar:
+    with Progress(
+        len(cases), f"hal bench {backend.name} {shapes.name}", unit="cases", stream=stream, enabled=progress
+    ) as bar:
         for case, why in cases:
             if why is not None:
                 run.skipped.append({"op": case.op, "shape": case.shape.id, "dtype": case.dtype, "reason": why})

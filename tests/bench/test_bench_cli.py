@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from hal.bench import BENCH_OPS, SHAPE_SETS, compare, format_table, load_results, run_suite
+from hal.bench import BENCH_OPS, SHAPE_SETS, compare, format_comparison, format_table, load_results, run_suite
 from hal.bench.cases import BASELINES, check_ops
 from hal.bench.metrics import Work, derive, gemm_work, grouped_gemm_work, mla_decode_work
 from hal.bench.peaks import Peaks, device_key
@@ -357,3 +357,58 @@ def test_a_backend_without_fp8_or_int8_skips_those_cases_with_the_reason() -> No
         "gemm_int8": "backend 'example' (cpu) has no INT8 matmul",
     }
     assert "skipped gemm_fp8[" in format_table(doc)
+
+
+def test_a_backend_with_nothing_to_run_is_a_clear_error() -> None:
+    registry = Registry()
+    be = registry.get_backend("example")  # no FP8, no INT8: every selected case is skipped
+    with pytest.raises(BenchError, match=r"nothing to run on backend example: .*no FP8 format.*no INT8 matmul"):
+        run_suite(
+            be,
+            registry.reference_ops(),
+            SHAPE_SETS["cpu-small"],
+            ops=["gemm_fp8", "gemm_int8"],
+            quick=True,
+            progress=False,
+            peaks=Peaks("example CPU backend", "test", {"float32": 1e11}, 1e10),
+            steady_allocator=False,
+        )
+
+
+def test_derive_with_an_unknown_compute_peak_names_no_roof() -> None:
+    d = derive(Work(1e9, 1e9, "float8"), 0.002, None, 1e12)  # FLOPs, but no peak for the dtype
+    assert d.bound == "unknown" and d.pct_peak is None and d.pct_peak_compute is None
+    assert d.pct_peak_bandwidth == pytest.approx(50)
+    moved = derive(Work(0.0, 1e9, "float32"), 0.01, None, 1e12)  # no FLOPs: the bandwidth roof still bounds it
+    assert moved.bound == "memory" and moved.pct_peak == pytest.approx(10)
+
+
+def test_compare_fails_when_a_case_failed_in_b() -> None:
+    a = _doc(("gemm", 100.0, 0.0), ("rotary", 10.0, 0.0))
+    b = _doc(("gemm", 100.0, 0.0))
+    b["errors"] = [{"op": "rotary", "shape": "S", "dtype": "float32", "error": "RuntimeError: boom"}]
+    c = compare(a, b)
+    assert not c.regressions and c.only_a == [] and c.failed
+    assert c.failed_b == ["rotary[S-float32] (RuntimeError: boom)"]
+    assert "failed in B: rotary[S-float32] (RuntimeError: boom)" in format_comparison(c)
+
+
+def test_compare_fails_when_no_result_is_in_both_runs(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_doc(("gemm", 100.0, 0.0))))
+    b.write_text(json.dumps(_doc(("rotary", 10.0, 0.0))))
+    assert compare(load_results(a), load_results(b)).failed
+    proc = hal_cmd("bench", "compare", str(a), str(b))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "no result compared" in proc.stdout and "no regression" not in proc.stdout
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_output_paths_are_refused_before_measuring(flag: str, tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    for path, message in ((tmp_path, "is a directory"), (not_a_folder / "out", "cannot write")):
+        proc = hal_cmd("bench", "--quick", "--backend", "cpu", "--ops", "rms_norm", flag, str(path))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"hal bench: error: {flag}: " in proc.stderr and message in proc.stderr
+        assert "Traceback" not in proc.stderr and "hal bench ·" not in proc.stdout  # nothing was measured
