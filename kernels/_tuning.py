@@ -192,13 +192,13 @@ def kernel_ops(
 
     Each config is checked against its module's ``DEFAULTS[op]`` (the keys the launcher takes) as it is
     bound, with the launcher's own check (:func:`hal_kernels._common.merge_config`), so a misspelt key
-    fails here rather than at the op's first call.
+    or a value that is not a positive int fails here rather than at the op's first call.
 
     :param tuning: op → config, as :func:`load_tuning` returns it.
     :param modules: kernel module names (under ``hal_kernels``) or modules; default
         :data:`hal_kernels.MODULES`. Importing them imports Triton.
     :raises TuningError: ``tuning`` names an op that no kernel serves (a misnamed file), two modules
-        serve the same op, or a config has a key its launcher does not take (or its module declares no
+        serve the same op, or a config has a key its launcher does not take or a bad value (or its module declares no
         ``DEFAULTS`` for the op to check it against).
     """
     from hal.errors import OpInputError

@@ -186,6 +186,13 @@ def test_unknown_config_key_fails_when_it_is_bound(tmp_path: Path) -> None:
         kernel_ops(load_tuning(tmp_path, "sm_90"))
 
 
+def test_a_bad_config_value_fails_when_it_is_bound(tmp_path: Path) -> None:
+    """GROUP_M 0 would leave the GEMM's output unwritten: refused as the tuning is bound."""
+    _write(tmp_path, "gemm_fp8.json", {"default": {"GROUP_M": 0}})
+    with pytest.raises(TuningError, match=r"tuning for 'gemm_fp8': .*GROUP_M must be a positive int, got 0"):
+        kernel_ops(load_tuning(tmp_path, "sm_90"))
+
+
 def test_a_typo_in_any_arch_entry_fails_the_backend_build_for_that_arch(tmp_path: Path) -> None:
     _write(tmp_path, "gemm_fp8.json", {"default": {"BLOCK_M": 64}, "sm_100": {"num_stage": 3}})
     # fp8 ops come inside the device format guard (fp8_format_guard)
